@@ -158,6 +158,91 @@ def export(
     typer.echo(f"merged model written to {out} (loads with AutoModelForCausalLM.from_pretrained)")
 
 
+@app.command("eval")
+@_friendly
+def evaluate(
+    run: Annotated[str, typer.Argument(help="Run directory, or a base model.")],
+    task: Annotated[str, typer.Option(help="perplexity | generation | choice")],
+    data: Annotated[str, typer.Option(help="Dataset file (or a directory of CSVs for choice).")],
+    compare_base: Annotated[bool, typer.Option(help="Also evaluate the base model and print both.")] = False,
+    shots: Annotated[int, typer.Option(help="choice: solved examples in the prompt.")] = 0,
+    max_samples: Annotated[Optional[int], typer.Option(help="Evaluate at most N records (per subject).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Records per forward/generation batch.")] = 8,
+    max_new_tokens: MaxNewTokens = 128,
+    chat_format: Annotated[bool, typer.Option(help="choice: ask through the chat template.")] = True,
+) -> None:
+    """Evaluate a run: perplexity, generation metrics (BLEU/ROUGE/exact match) or multiple choice."""
+    from tunelab.evaluate import eval_main
+
+    eval_main(run, task, data, compare_base, shots, max_samples, batch_size, max_new_tokens, chat_format=chat_format)
+
+
+@app.command("compare")
+@_friendly
+def compare_methods(
+    config: Annotated[Path, typer.Argument(help="YAML run file: the job every method runs.")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key.sub=value overrides for all methods.")] = None,
+    methods: Annotated[str, typer.Option(help="Comma-separated method types.")] = "lora,dora,ia3,prefix,prompt",
+    out: Annotated[Path, typer.Option(help="Directory for compare.md/png/json and the runs.")] = Path("runs/compare"),
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Per-method override METHOD:key=value.")] = None,
+) -> None:
+    """Train several methods on the same data, steps and seed, and tabulate the results."""
+    from tunelab.compare import compare, markdown_table
+
+    results = compare(config, overrides or [], [m.strip() for m in methods.split(",") if m.strip()], out,
+                      set_ or [], echo=typer.echo)
+    typer.echo(markdown_table(results))
+    typer.echo(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'compare.png'}")
+
+
+@app.command()
+@_friendly
+def estimate(
+    config: Annotated[Path, typer.Argument(help="YAML run file.")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key.sub=value overrides.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, or a GPU like cuda:80GB.")] = None,
+    gpus: Annotated[int, typer.Option(help="Number of GPUs (data parallel).")] = 1,
+    zero: Annotated[int, typer.Option(help="DeepSpeed ZeRO stage 0-3 when --gpus > 1.")] = 0,
+    measure: Annotated[bool, typer.Option(help="Also run a few steps and print measured vs predicted.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+) -> None:
+    """Predict the peak memory of a run, broken down by what uses it."""
+    from tunelab.estimate import estimate_main
+
+    estimate_main(str(config), overrides or [], device, gpus, zero, measure, as_json)
+
+
+@app.command()
+@_friendly
+def score(
+    run: Annotated[str, typer.Argument(help="Reward-model run directory (stage rm).")],
+    data: Annotated[Path, typer.Option(help="Dataset file: conversations or preference pairs.")],
+    out: Annotated[Path, typer.Option(help="Output .jsonl with a score per response.")],
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
+) -> None:
+    """Score responses with a trained reward model."""
+    from tunelab.score import score_main
+
+    score_main(run, str(data), str(out), batch_size)
+
+
+@app.command()
+@_friendly
+def serve(
+    runs: Annotated[list[str], typer.Argument(help="Run directories trained on the same base.")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(envvar="TUNELAB_API_KEY",
+                                                   help="Require 'Authorization: Bearer KEY'.")] = None,
+    backend: Annotated[str, typer.Option(help="transformers, or vllm (CUDA + vllm installed).")] = "transformers",
+    max_batch_size: Annotated[int, typer.Option(help="Most queued requests generated together.")] = 8,
+) -> None:
+    """Serve runs (and their base) behind an OpenAI-compatible API."""
+    from tunelab.serve import serve_main
+
+    serve_main(runs, host, port, api_key, backend, max_batch_size)
+
+
 @app.command("config-keys")
 def config_keys() -> None:
     """List every valid configuration key."""

@@ -102,6 +102,7 @@ class DataConfig(Section):
     packing: bool = Field(True, description="Padding-free batches: examples packed into one row, never attending "
                                             "to each other.")
     group_by_length: bool = True
+    separate_documents: bool = Field(True, description="pt: documents never attend to each other in a block.")
     on_error: Literal["raise", "skip"] = "raise"
 
     @field_validator("train", "eval", mode="before")
@@ -130,6 +131,8 @@ class TrainConfig(Section):
     save_every: int | None = Field(None, gt=0)
     keep_last: int = Field(2, gt=0)
     eval_every: int | None = Field(None, gt=0)
+    eval_base: bool = Field(False, description="Before training, evaluate the base model (method switched off) "
+                                               "and log base_eval_loss, to see whether fine-tuning helped.")
     gradient_checkpointing: bool = False
     loss_chunk_size: int = Field(1024, ge=0, description="Tokens per chunk of the LM-head loss; 0 = unchunked.")
     auto_batch_size: bool = False

@@ -7,18 +7,20 @@ the training data, so inference sees exactly the text format the model was train
 
 from __future__ import annotations
 
+import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from tunelab.config import ModelConfig, RunConfig, load_run_config
-from tunelab.data.pipeline import with_default_system
 from tunelab.data.records import Message
 from tunelab.data.templates import ChatTemplate, get_template
+from tunelab.errors import TunelabError
 from tunelab.methods.base import Method, get_method
 from tunelab.models.loader import load_base, pick_device
 
@@ -35,7 +37,7 @@ class LoadedRun:
     source: str
 
     def render_prompt(self, messages: list[Message]) -> str:
-        return self.template.render(with_default_system(messages, self.cfg.data.system), add_generation_prompt=True)
+        return self.template.render(messages, add_generation_prompt=True)
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -48,18 +50,28 @@ def load_run(run_or_model: str | Path, device: torch.device | None = None) -> Lo
     if not is_run_dir(run_or_model):
         cfg = RunConfig(model=ModelConfig(name_or_path=str(run_or_model)))
         model, tokenizer = load_base(cfg.model, device)
-        return LoadedRun(model, tokenizer, get_template(cfg.data.template, tokenizer), cfg, None,
-                         str(run_or_model))
+        template = get_template(cfg.data.template, tokenizer, system=cfg.data.system)
+        return LoadedRun(model, tokenizer, template, cfg, None, str(run_or_model))
     run_dir = Path(run_or_model)
     cfg = load_run_config(run_dir)
     base, _ = load_base(cfg.model, device)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(run_dir)
     method = get_method(cfg.method)
     model = method.load(base, run_dir, trainable=False)
     model.eval()
-    return LoadedRun(model, tokenizer, get_template(cfg.data.template, tokenizer), cfg, method, str(run_dir))
+    return wrap_run(model, run_dir, cfg, method)
+
+
+def wrap_run(model: nn.Module, run_dir: str | Path, cfg: RunConfig, method: Method | None) -> LoadedRun:
+    """A run's tokenizer and template around an already loaded ``model``.
+
+    Separate from :func:`load_run` because ``serve`` attaches many runs' adapters to one
+    shared module, yet each run must still be prompted exactly as it was trained.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    template = get_template(cfg.data.template, tokenizer, system=cfg.data.system)
+    return LoadedRun(model, tokenizer, template, cfg, method, str(run_dir))
 
 
 @dataclass
@@ -118,27 +130,191 @@ def generate(loaded: LoadedRun, conversations: list[list[Message]], options: Gen
 
 
 def stream(loaded: LoadedRun, messages: list[Message], options: GenerationOptions) -> Iterator[str]:
-    """Yield the answer piece by piece as it is generated."""
-    from transformers import TextIteratorStreamer
+    """Yield the answer piece by piece as it is generated.
 
+    Text that could be the start of a stop string is held back until it is known not to
+    be one, so a stop string never leaks into the output.
+    """
+    pieces: queue.Queue[str | BaseException | None] = queue.Queue()
+    cancelled = threading.Event()
+    row = GenerationRow(encode_prompt(loaded, messages), options, on_text=pieces.put, cancelled=cancelled)
+
+    def produce() -> None:
+        try:
+            complete(loaded, [row])
+            pieces.put(None)
+        except BaseException as err:  # handed to the consumer, which re-raises it
+            pieces.put(err)
+
+    worker = threading.Thread(target=produce, daemon=True)
+    worker.start()
+    try:
+        while (piece := pieces.get()) is not None:
+            if isinstance(piece, BaseException):
+                raise piece
+            yield piece
+    finally:  # also when the consumer stops early: end generation instead of running on unseen
+        cancelled.set()
+        worker.join()
+
+
+# ------------------------------------------------------------------ per-row batched generation
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass
+class GenerationRow:
+    """One sequence to generate in a batch, with limits of its own.
+
+    Rows of one batch share the sampling settings (:func:`sampling_key`) but not
+    ``max_new_tokens`` or ``stop``: a server batches requests that differ in those.
+    ``on_text`` receives the visible text as it grows (streaming); it runs on the
+    generating thread, so it must not block.
+    """
+
+    prompt_ids: list[int]
+    options: GenerationOptions
+    on_text: Callable[[str], None] | None = None
+    cancelled: threading.Event | None = None
+
+
+@dataclass
+class Completion:
+    """What one row produced, with the counts an API reports."""
+
+    text: str
+    finish_reason: FinishReason  # stop: eos, end of turn or a stop string; length: max_new_tokens
+    prompt_tokens: int
+    completion_tokens: int  # generated tokens, including the one that ended the answer
+
+
+def encode_prompt(loaded: LoadedRun, messages: list[Message]) -> list[int]:
+    """Token ids of the rendered prompt, tokenized exactly as :func:`generate` does."""
+    return loaded.tokenizer(loaded.render_prompt(messages), add_special_tokens=False)["input_ids"]
+
+
+def sampling_key(options: GenerationOptions) -> tuple[Any, ...]:
+    """The settings that must be equal for rows to be generated in one batch."""
+    sample = options.do_sample if options.do_sample is not None else options.temperature > 0
+    if not sample:
+        return (False, options.repetition_penalty, options.num_beams)
+    return (True, options.temperature, options.top_p, options.top_k, options.repetition_penalty, options.num_beams,
+            options.seed)
+
+
+def _held_back(text: str, stop: list[str]) -> int:
+    """How many trailing characters might still turn into a stop string or a complete character."""
+    hold = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    while hold < len(text) and text[len(text) - hold - 1] == "\ufffd":  # an incomplete multi-byte character
+        hold += 1
+    return hold
+
+
+class _RowState:
+    """Tracks one row of a batch: its tokens, whether and why it ended, the text already streamed."""
+
+    def __init__(self, row: GenerationRow, tokenizer: Any, stop_ids: set[int]):
+        self.row = row
+        self.tokenizer = tokenizer
+        self.stop_ids = stop_ids
+        self.generated = 0
+        self.answer_ids: list[int] = []  # generated ids without the token that ended the turn
+        self.reason: FinishReason | None = None
+        self.text = ""
+        self.streamed = ""
+        # Decoding every step costs time; only stop strings and streaming need the running text.
+        self.track_text = bool(row.options.stop) or row.on_text is not None
+
+    def add(self, token: int) -> None:
+        self.generated += 1
+        if token in self.stop_ids:
+            self.reason = "stop"
+        else:
+            self.answer_ids.append(token)
+            if self.track_text:
+                self._refresh_text()
+        if self.reason is None and self.generated >= self.row.options.max_new_tokens:
+            self.reason = "length"
+        if self.reason is None and self.row.cancelled is not None and self.row.cancelled.is_set():
+            self.reason = "cancelled"
+        self._stream()
+
+    def finish(self) -> Completion:
+        """The final completion (a row still open when generation ended ran out of tokens)."""
+        if self.reason is None:
+            self.reason = "length"
+        self._refresh_text()
+        self._stream()
+        return Completion(self.text, self.reason, len(self.row.prompt_ids), self.generated)
+
+    def _refresh_text(self) -> None:
+        text = self.tokenizer.decode(self.answer_ids, skip_special_tokens=True)
+        cut = min((text.find(s) for s in self.row.options.stop if s and s in text), default=-1)
+        if cut >= 0:
+            text, self.reason = text[:cut], "stop"
+        self.text = text
+
+    def _stream(self) -> None:
+        if self.row.on_text is None:
+            return
+        hold = 0 if self.reason is not None else _held_back(self.text, self.row.options.stop)
+        visible = self.text[:len(self.text) - hold]
+        if len(visible) > len(self.streamed):
+            self.row.on_text(visible[len(self.streamed):])
+            self.streamed = visible
+
+
+class _RowLimits(StoppingCriteria):
+    """Ends each row of a batch on its own terms: eos/end of turn, stop strings, its max_new_tokens, cancellation."""
+
+    def __init__(self, states: list[_RowState], prompt_width: int):
+        self.states = states
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        if input_ids.shape[1] > self.prompt_width:
+            for state, token in zip(self.states, input_ids[:, -1].tolist()):
+                if state.reason is None:
+                    state.add(token)
+        return torch.tensor([s.reason is not None for s in self.states], dtype=torch.bool, device=input_ids.device)
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        mask[i, width - len(ids):] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+
+
+@torch.no_grad()
+def complete(loaded: LoadedRun, rows: list[GenerationRow]) -> list[Completion]:
+    """Generate every row in one left-padded batch; each row stops on its own limits.
+
+    Padding is done here, not by the tokenizer, so that generation never changes the
+    tokenizer's padding state while another thread tokenizes with it.
+    """
+    options = rows[0].options
+    if any(sampling_key(row.options) != sampling_key(options) for row in rows):
+        raise ValueError("rows of one batch must share their sampling settings (see sampling_key)")
+    if options.num_beams != 1:
+        raise TunelabError(f"beam search (num_beams={options.num_beams}) is not available for streamed or served "
+                           "generation, which follows one sequence per answer. Use num_beams=1 here.")
+    if any(not row.prompt_ids for row in rows):
+        raise ValueError("every row needs at least one prompt token")
     tokenizer = loaded.tokenizer
-    prompt = loaded.render_prompt(messages)
-    encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    stop_ids = stop_token_ids(loaded)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     device = next(loaded.model.parameters()).device
-    encoded = {k: v.to(device) for k, v in encoded.items()}
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    encoded = _left_pad([row.prompt_ids for row in rows], pad_id, device)
+    states = [_RowState(row, tokenizer, set(stop_ids)) for row in rows]
+    kwargs = options.to_kwargs(tokenizer, stop_ids)
+    kwargs.update(max_new_tokens=max(row.options.max_new_tokens for row in rows), pad_token_id=pad_id)
     if options.seed is not None:
         torch.manual_seed(options.seed)
-    kwargs = dict(**encoded, **options.to_kwargs(tokenizer, stop_token_ids(loaded)), streamer=streamer)
-    worker = threading.Thread(target=loaded.model.generate, kwargs=kwargs, daemon=True)
-    worker.start()
-    emitted = ""
-    for piece in streamer:
-        if options.stop:
-            candidate = _truncate_at_stop(emitted + piece, options.stop)
-            if len(candidate) < len(emitted + piece):
-                yield candidate[len(emitted):]
-                break
-        emitted += piece
-        yield piece
-    worker.join()
+    limits = _RowLimits(states, encoded["input_ids"].shape[1])
+    loaded.model.generate(**encoded, **kwargs, stopping_criteria=StoppingCriteriaList([limits]))
+    return [state.finish() for state in states]

@@ -1,20 +1,19 @@
 """From ``cfg.data`` to tokenized train and eval examples.
 
 sources (files -> rows) -> formats (rows -> canonical records) -> mixing, sampling and the
-eval split -> templates + tokenize (records -> token ids and labels). Counts of skipped,
+eval split -> templates (with ``data.system``) + tokenize (records -> token ids and labels). Counts of skipped,
 truncated and dropped examples are gathered here and reported by the trainer.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from tunelab.config import DataConfig, RunConfig
 from tunelab.data.formats import to_records
-from tunelab.data.records import (Conversation, Example, Message, PairExample, Preference, PromptExample, Record,
-                                  Unpaired, UnpairedExample)
+from tunelab.data.records import Example, PairExample, PromptExample, Record, UnpairedExample
 from tunelab.data.sources import DatasetRegistry
 from tunelab.data.templates import ChatTemplate, get_template
 from tunelab.data.tokenize import encode_records
@@ -40,26 +39,6 @@ def example_length(example: TokenizedExample) -> int:
     if isinstance(example, PromptExample):
         return len(example.prompt_ids)
     return len(example.input_ids)
-
-
-def with_default_system(messages: list[Message], system: str | None) -> list[Message]:
-    """Prepend ``system`` when the conversation has no system message of its own.
-
-    Training data and inference prompts both pass through here, so they agree.
-    """
-    if not system or (messages and messages[0].role == "system"):
-        return list(messages)
-    return [Message("system", system), *messages]
-
-
-def _apply_system(record: Record, system: str | None) -> Record:
-    if not system:
-        return record
-    if isinstance(record, Conversation):
-        return replace(record, messages=with_default_system(record.messages, system))
-    if isinstance(record, (Preference, Unpaired)):
-        return replace(record, prompt=with_default_system(record.prompt, system))
-    return record
 
 
 def _mix(parts: list[list[Record]], weights: list[float] | None, seed: int) -> list[Record]:
@@ -97,7 +76,7 @@ def load_records(names: list[str], cfg: DataConfig, seed: int, stats: dict[str, 
         stats["skipped"] = stats.get("skipped", 0) + conversion.skipped
         if cfg.max_samples is not None:
             records = records[:cfg.max_samples]
-        parts.append([_apply_system(r, cfg.system) for r in records])
+        parts.append(records)
     return _mix(parts, weights, seed)
 
 
@@ -121,14 +100,15 @@ def build_data(cfg: RunConfig, tokenizer: Any) -> DataBundle:
     if not data.train:
         raise ConfigError("data.train is empty: name at least one dataset (a name from "
                           f"{data.dataset_dir}/dataset_info.json or a file path).")
-    template = get_template(data.template, tokenizer)
+    template = get_template(data.template, tokenizer, system=data.system)
     stats: dict[str, Any] = {}
     train_records = load_records(data.train, data, cfg.train.seed, stats, data.weights)
     eval_records = load_records(data.eval, data, cfg.train.seed, stats) if data.eval else []
     if data.eval_split and not data.eval:
         train_records, eval_records = split_eval(train_records, data.eval_split, cfg.train.seed)
     encode = dict(template=template, tokenizer=tokenizer, max_length=data.max_length,
-                  train_on_prompt=data.train_on_prompt, mask_history=data.mask_history, stage=cfg.stage)
+                  train_on_prompt=data.train_on_prompt, mask_history=data.mask_history, stage=cfg.stage,
+                  separate_documents=data.separate_documents)
     train, train_stats = encode_records(train_records, **encode)
     evaluation, _ = encode_records(eval_records, **encode) if eval_records else ([], None)
     stats.update({"truncated": train_stats.truncated, "dropped": train_stats.dropped,

@@ -17,7 +17,7 @@ Checkpoints do not go through :meth:`Method.save`: the training loop stores ever
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 import torch
 from torch import nn
@@ -63,6 +63,14 @@ class Method:
 
     def on_optimizer_step(self, model: nn.Module, step: int) -> None:
         """Hook after ``optimizer.step()`` and before ``zero_grad`` (AdaLoRA rank allocation)."""
+
+    def reference(self, model: nn.Module) -> "ContextManager[nn.Module] | None":
+        """A context in which ``model`` computes like the frozen base (adapters off), or None.
+
+        None means the method changes the base weights themselves (full, freeze): a stage
+        that needs a reference model must then keep a frozen copy.
+        """
+        return None
 
     # -- persistence ------------------------------------------------------------------
     def save(self, model: nn.Module, run_dir: Path) -> Path:

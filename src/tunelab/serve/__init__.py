@@ -1,0 +1,29 @@
+"""OpenAI-compatible serving of trained runs: one base model, every run's adapter on it.
+
+Modules: :mod:`catalog` (which model ids, decided from the run directories),
+:mod:`engine` (the queue and the single worker thread), :mod:`hf_backend` and
+:mod:`vllm_backend` (what generates), :mod:`schemas` and :mod:`app` (the HTTP layer).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from tunelab.errors import TunelabError
+
+_SERVER_PACKAGES = ("fastapi", "uvicorn")
+
+
+def serve_main(runs: list[str], host: str, port: int, api_key: str | None, backend: str,
+               max_batch_size: int) -> None:
+    """Entry point of ``tunelab serve``: load ``runs`` and their base, serve until SIGINT/SIGTERM.
+
+    ``api_key`` None falls back to the ``TUNELAB_API_KEY`` environment variable.
+    """
+    missing = [name for name in _SERVER_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise TunelabError(f"tunelab serve needs {' and '.join(missing)}, which is not installed. Install the server "
+                           "extras with: pip install 'tunelab[serve]'")
+    from tunelab.serve.app import serve_main as run_server
+
+    run_server(runs, host, port, api_key, backend, max_batch_size)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from tunelab.config import RunConfig, save_config
-from tunelab.data.batching import collate_any, plan_batches
+from tunelab.data.batching import collate_examples, plan_batches
 from tunelab.data.pipeline import DataBundle, build_data, example_length
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.methods.base import Method, count_parameters, get_method
@@ -148,7 +148,7 @@ class Trainer:
 
     # -- batches ----------------------------------------------------------------------
     def _collate(self, indices: list[int], examples: list[Any]) -> dict[str, torch.Tensor]:
-        batch = collate_any([examples[i] for i in indices], self.tokenizer.pad_token_id, self.packing)
+        batch = collate_examples([examples[i] for i in indices], self.tokenizer.pad_token_id, self.packing)
         return {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def _count(self, batches: list[dict[str, torch.Tensor]]) -> int:
@@ -207,6 +207,15 @@ class Trainer:
             result["eval_perplexity"] = math.exp(min(result["eval_loss"], 50.0))
         return result
 
+    def evaluate_base(self) -> dict[str, float]:
+        """Eval metrics of the base model: the method switched off, or (full/freeze) before any step."""
+        switched_off = self.method.reference(self.accelerator.unwrap_model(self.model))
+        if switched_off is None and self.state.step > 0:
+            raise TunelabError("the base model cannot be evaluated after full or freeze fine-tuning has changed "
+                               "its weights; set train.eval_base before the first step.")
+        with switched_off if switched_off is not None else nullcontext():
+            return {f"base_{k}": v for k, v in self.evaluate().items()}
+
     # -- the run ------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
@@ -221,9 +230,12 @@ class Trainer:
             self.state = load_checkpoint(checkpoints[-1], self.accelerator.unwrap_model(self.model),
                                          self.optimizer, self.scheduler)
         is_main = self.accelerator.is_main_process
-        monitor = Monitor(self.run_dir, self.total_steps, self.state.step, enabled=is_main and self.progress)
+        monitor = Monitor(self.run_dir, self.total_steps, self.state.step, enabled=is_main, progress=self.progress)
         if is_main:
             self._announce(monitor)
+        base_eval = self.evaluate_base() if t.eval_base and self.state.step == 0 else {}
+        if base_eval:
+            monitor.log({"step": 0, **base_eval})
         stream = self.stream.iterate(self.state.epoch, self.state.batch_in_epoch)
         started = time.perf_counter()
         window_start, window_tokens, total_tokens = started, 0, 0
@@ -274,7 +286,7 @@ class Trainer:
             trainable_params=self.trainable_params, total_params=self.total_params,
             tokens_per_s=total_tokens / max(wall, 1e-9),
             peak_memory_bytes=peak_memory_bytes(self.accelerator.device), wall_s=wall,
-            last_metrics={**last, **final_eval})
+            last_metrics={**base_eval, **last, **final_eval})
 
     def _announce(self, monitor: Monitor) -> None:
         stats = self.data.stats
@@ -296,7 +308,9 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return
-        self.method.save(self.accelerator.unwrap_model(self.model), self.run_dir)
+        model = self.accelerator.unwrap_model(self.model)
+        self.method.save(model, self.run_dir)
+        self.objective.save(model, self.run_dir)
         self.tokenizer.save_pretrained(self.run_dir)
         save_config(self.cfg, self.run_dir / "config.yaml")
 

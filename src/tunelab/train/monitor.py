@@ -42,13 +42,17 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 class Monitor:
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool = True):
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool = True,
+                 progress: bool = True):
+        """``enabled``: this process writes files (the main one); ``progress``: show the bar."""
         self.run_dir = Path(run_dir)
         self.file = self.run_dir / "metrics.jsonl"
-        self._truncate_after(start_step)
-        self._handle = open(self.file, "a", encoding="utf-8") if enabled else None
+        self._handle = None
+        if enabled:
+            self._truncate_after(start_step)
+            self._handle = open(self.file, "a", encoding="utf-8")
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
-                        disable=not enabled, file=sys.stderr)
+                        disable=not (enabled and progress), file=sys.stderr)
 
     def _truncate_after(self, step: int) -> None:
         kept = [row for row in read_metrics(self.run_dir) if row.get("step", 0) <= step]

@@ -8,16 +8,21 @@ the large-batch gradient exactly (token-level normalisation).
 The language-model head is applied by us, in chunks (see ``losses.causal_lm_loss``): the
 model runs with its output layer bypassed and returns hidden states, so the full
 batch x length x vocabulary logits never exist at once.
+
+This module holds the contract and causal LM; the sequence-level stages (rm, dpo, kto) are
+in :mod:`tunelab.train.preference`, and PPO has its own rollout loop (:mod:`tunelab.train.ppo`).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import nn
 
+from tunelab.data.batching import model_inputs
 from tunelab.errors import ConfigError
 from tunelab.train.losses import causal_lm_loss
 
@@ -55,11 +60,6 @@ def output_head_bypassed(model: nn.Module) -> Iterator[nn.Module]:
         setattr(parent, attr, head)
 
 
-def model_inputs(batch: Batch) -> dict[str, torch.Tensor]:
-    """The keys of a batch that the model's forward takes."""
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-
-
 def hidden_states(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, nn.Module]:
     """Final hidden states aligned with ``batch['input_ids']``, and the output head.
 
@@ -67,7 +67,7 @@ def hidden_states(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, nn.Modu
     the batch.
     """
     with output_head_bypassed(model) as head:
-        out = model(**model_inputs(batch), use_cache=False)
+        out = model(**model_inputs(batch))
     hidden = out.logits
     length = batch["input_ids"].shape[1]
     return hidden[:, -length:, :], head
@@ -83,6 +83,9 @@ class Objective:
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """(loss summed over units, metrics summed over units) for one micro-batch."""
         raise NotImplementedError
+
+    def save(self, model: nn.Module, run_dir: Path) -> None:
+        """Write what the stage adds beyond the method's weights (a reward model's value head)."""
 
 
 class CausalLMObjective(Objective):
@@ -101,7 +104,16 @@ class CausalLMObjective(Objective):
 
 
 def build_objective(cfg: "RunConfig", method: "Method", model: nn.Module, tokenizer: Any) -> Objective:
-    """The objective of ``cfg.stage``."""
+    """The objective of ``cfg.stage`` for the batch loop.
+
+    Called after the method is applied and before the optimizer is built: a stage that adds
+    trainable weights (the reward model's value head) attaches them to ``model`` here.
+    """
     if cfg.stage in ("pt", "sft"):
         return CausalLMObjective(cfg.train.loss_chunk_size)
-    raise ConfigError(f"stage '{cfg.stage}' is not available in the batch loop yet.")
+    if cfg.stage == "ppo":
+        raise ConfigError("stage 'ppo' trains in its own rollout loop, not the batch loop: start it with "
+                          "`tunelab train` (tunelab.train.run_stage), which dispatches it to train_ppo.")
+    from tunelab.train.preference import build_sequence_objective  # imports this module
+
+    return build_sequence_objective(cfg, method, model, tokenizer)

@@ -1,0 +1,456 @@
+"""Dataset files -> raw rows, and dataset names -> :class:`DatasetSpec`.
+
+Two jobs live here, both about *finding* data rather than interpreting it:
+
+* :func:`read_rows` reads json, jsonl, csv, parquet, arrow and txt files (or a directory of
+  them) into :class:`RawRow` objects that remember where they came from, so that every
+  later error can name the file and the line (or record index) to fix.
+* :class:`DatasetRegistry` reads LLaMA-Factory's ``dataset_info.json`` unchanged, so users
+  can point tunelab at the data directory they already have, and turns a registry name or
+  a plain path into a :class:`DatasetSpec` that says how to interpret the rows.
+
+What the rows *mean* (alpaca, sharegpt, ...) is decided in :mod:`tunelab.data.formats`.
+Record indices are 0-based (``data[3]`` in a JSON list); line numbers are 1-based.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Literal, get_args
+
+from tunelab.errors import DataError
+
+Formatting = Literal["alpaca", "sharegpt", "openai", "text"]
+FORMATTINGS: tuple[str, ...] = get_args(Formatting)
+
+INFO_FILE = "dataset_info.json"
+
+# Metadata that `datasets.save_to_disk` writes next to its .arrow shards; not records.
+_HF_METADATA = frozenset({"dataset_info.json", "state.json", "dataset_dict.json"})
+
+
+# --------------------------------------------------------------------------- raw rows
+
+
+@dataclass
+class RawRow:
+    """One record as read from a file, before any interpretation.
+
+    ``line`` is set for line-based files (jsonl, csv, txt); ``index`` (0-based position in
+    the file) is always set, so errors can point at the record either way.
+    """
+
+    data: dict[str, Any]
+    file: str
+    line: int | None
+    index: int
+
+    @property
+    def origin(self) -> str:
+        """``file:line`` where the line is known, else ``file#index``."""
+        return f"{self.file}:{self.line}" if self.line is not None else f"{self.file}#{self.index}"
+
+
+# A reader yields (line or None, parsed value) for each record of one file.
+_Reader = Callable[[Path], Iterator[tuple[int | None, Any]]]
+
+
+def _read_text(path: Path) -> str:
+    """Whole-file text; ``utf-8-sig`` because editors on Windows prepend a BOM."""
+    return path.read_text(encoding="utf-8-sig")
+
+
+def _json_lines(lines: Iterable[str], path: Path) -> Iterator[tuple[int | None, Any]]:
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"invalid JSON ({err.msg} at column {err.colno}).", file=str(path), line=number,
+                hint="Each line of a JSON-lines file must hold one complete JSON object; "
+                     "fix or delete this line.") from None
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int | None, Any]]:
+    with path.open(encoding="utf-8-sig") as handle:
+        yield from _json_lines(handle, path)
+
+
+def _read_json(path: Path) -> Iterator[tuple[int | None, Any]]:
+    """A JSON list of records, or, as often found in the wild, JSON lines in a .json file."""
+    text = _read_text(path)
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as err:
+        if text.lstrip().startswith("["):
+            raise DataError(
+                f"invalid JSON: {err.msg} at line {err.lineno}, column {err.colno}.", file=str(path),
+                hint="The file starts like a JSON list of records; fix the syntax at that position "
+                     "(a missing comma or quote is the usual cause).") from None
+        yield from _json_lines(text.splitlines(), path)
+        return
+    if isinstance(document, list):
+        yield from ((None, item) for item in document)
+    elif isinstance(document, dict):  # a one-line JSON-lines file, or one pretty-printed record
+        yield 1 + text[: len(text) - len(text.lstrip())].count("\n"), document
+    else:
+        raise DataError(f"the file holds a single JSON {type_name(document)}.", file=str(path),
+                        hint="Expected a JSON list of records or one JSON object per line.")
+
+
+def _read_csv(path: Path) -> Iterator[tuple[int | None, Any]]:
+    """Rows keyed by the header; the line is where the row starts (quoted cells may span lines)."""
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        for row in reader:
+            extra = row.pop(None, None)  # type: ignore[call-overload]
+            start = reader.line_num - sum(v.count("\n") for v in row.values() if isinstance(v, str))
+            if extra:
+                raise DataError(f"the row has {len(extra)} more value(s) than the header has columns.",
+                                file=str(path), line=start,
+                                hint="Quote cells that contain commas, or add the missing header names.")
+            yield start, row
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[int | None, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches()
+        for batch in batches:
+            yield from ((None, item) for item in batch.to_pylist())
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"cannot read the parquet file: {err}", file=str(path)) from None
+
+
+def _read_arrow(path: Path) -> Iterator[tuple[int | None, Any]]:
+    """Arrow IPC, as written by ``datasets.save_to_disk`` (stream format) or pyarrow (file format)."""
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(str(path)) as source:
+            try:
+                table = pa.ipc.open_stream(source).read_all()
+            except pa.ArrowInvalid:
+                source.seek(0)
+                table = pa.ipc.open_file(source).read_all()
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"cannot read the arrow file: {err}", file=str(path)) from None
+    yield from ((None, item) for item in table.to_pylist())
+
+
+def _read_txt(path: Path) -> Iterator[tuple[int | None, Any]]:
+    """Plain text for pre-training: every non-blank line is one record ``{"text": line}``."""
+    with path.open(encoding="utf-8-sig") as handle:
+        for number, line in enumerate(handle, start=1):
+            text = line.rstrip("\r\n")
+            if text.strip():
+                yield number, {"text": text}
+
+
+_READERS: dict[str, _Reader] = {
+    ".json": _read_json,
+    ".jsonl": _read_jsonl,
+    ".csv": _read_csv,
+    ".parquet": _read_parquet,
+    ".arrow": _read_arrow,
+    ".txt": _read_txt,
+}
+SUPPORTED_SUFFIXES: tuple[str, ...] = tuple(_READERS)
+
+
+def type_name(value: Any) -> str:
+    """A JSON-flavoured type name for error messages."""
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number",
+             float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _reader_for(path: Path) -> _Reader:
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"unsupported file type '{path.suffix or '(no extension)'}'.", file=str(path),
+                        hint=f"Supported: {', '.join(SUPPORTED_SUFFIXES)} (or a directory of such "
+                             "files); convert the file or rename it with the right extension.")
+    return reader
+
+
+def _directory_files(path: Path) -> list[Path]:
+    files = sorted(p for p in path.iterdir()
+                   if p.is_file() and p.suffix.lower() in _READERS
+                   and not p.name.startswith(".") and p.name not in _HF_METADATA)
+    if not files:
+        raise DataError("the directory contains no dataset files.", file=str(path),
+                        hint=f"Supported: {', '.join(SUPPORTED_SUFFIXES)}.")
+    return files
+
+
+def _read_file(path: Path) -> Iterator[RawRow]:
+    reader = _reader_for(path)
+    if not path.is_file():
+        raise DataError("the file does not exist", file=str(path))
+    for index, (line, value) in enumerate(reader(path)):
+        if not isinstance(value, dict):
+            raise DataError(f"the record is a {type_name(value)}, not an object.", file=str(path), line=line,
+                            record=index, hint='Each record must be an object of named fields, such as '
+                                              '{"instruction": "...", "output": "..."}.')
+        yield RawRow(data=value, file=str(path), line=line, index=index)
+
+
+def read_rows(path: str | Path) -> Iterator[RawRow]:
+    """Yield every record of a file, or of all supported files in a directory (sorted by name).
+
+    Files are streamed where the format allows it (jsonl, csv, txt, parquet). A file that
+    cannot be parsed raises :class:`DataError` naming the file and line (or line and column
+    for a JSON document); such damage is never skipped, because later rows cannot be trusted.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for file in _directory_files(path):
+            yield from _read_file(file)
+    else:
+        yield from _read_file(path)
+
+
+# --------------------------------------------------------------------------- dataset specs
+
+COLUMN_KEYS: tuple[str, ...] = ("prompt", "query", "response", "history", "messages", "system", "tools",
+                                "images", "videos", "audios", "chosen", "rejected", "kto_tag")
+TAG_KEYS: tuple[str, ...] = ("role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag",
+                             "function_tag", "system_tag")
+_MEDIA_COLUMNS = ("images", "videos", "audios")
+
+_PAIR_COLUMNS = {"chosen": "chosen", "rejected": "rejected"}
+DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
+    "alpaca": {"prompt": "instruction", "query": "input", "response": "output", "history": "history",
+               "system": "system", **_PAIR_COLUMNS},
+    "sharegpt": {"messages": "conversations", "system": "system", "tools": "tools", **_PAIR_COLUMNS},
+    "openai": {"messages": "messages", "tools": "tools", **_PAIR_COLUMNS},
+    "text": {"prompt": "text"},
+}
+_SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                  "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
+_OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+                "observation_tag": "tool", "function_tag": "function_call", "system_tag": "system"}
+DEFAULT_TAGS: dict[str, dict[str, str]] = {
+    "alpaca": {}, "sharegpt": _SHAREGPT_TAGS, "openai": _OPENAI_TAGS, "text": {},
+}
+
+
+def _check_keys(dataset: str, what: str, given: Iterable[str], valid: tuple[str, ...]) -> None:
+    for key in given:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            guess = f"Did you mean '{close[0]}'? " if close else ""
+            raise DataError(f"dataset '{dataset}': unknown {what} key '{key}'.",
+                            hint=f"{guess}Valid {what} keys: {', '.join(valid)}.")
+
+
+@dataclass
+class DatasetSpec:
+    """How to read one dataset: its files, its layout, and which file columns mean what.
+
+    ``columns`` and ``tags`` hold only the overrides when constructed; ``__post_init__``
+    merges them over the defaults of ``formatting`` (LLaMA-Factory's defaults), so code
+    reading a spec can always index ``spec.columns["messages"]``.
+    """
+
+    name: str
+    files: list[Path]
+    formatting: Formatting = "alpaca"
+    ranking: bool = False
+    columns: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    num_samples: int | None = None
+    split: str = "train"
+
+    def __post_init__(self) -> None:
+        if self.formatting not in FORMATTINGS:
+            raise DataError(f"dataset '{self.name}': unknown formatting '{self.formatting}'.",
+                            hint=f"Use one of: {', '.join(FORMATTINGS)}.")
+        _check_keys(self.name, "column", self.columns, COLUMN_KEYS)
+        _check_keys(self.name, "tag", self.tags, TAG_KEYS)
+        media = [key for key in _MEDIA_COLUMNS if self.columns.get(key)]
+        if media:
+            raise DataError(f"dataset '{self.name}' maps {', '.join(media)} columns; tunelab trains "
+                            "text-only models.", hint="Remove those columns from the dataset entry.")
+        self.columns = {**DEFAULT_COLUMNS[self.formatting],
+                        **{key: value for key, value in self.columns.items() if value}}
+        self.tags = {**DEFAULT_TAGS[self.formatting], **self.tags}
+        if self.ranking and self.kto:
+            raise DataError(f"dataset '{self.name}' sets both ranking and a kto_tag column.",
+                            hint="A dataset is either preference pairs (ranking) or KTO labels, not both.")
+
+    @property
+    def kto(self) -> bool:
+        """KTO data: each answer carries a desirable/undesirable label in ``columns["kto_tag"]``."""
+        return bool(self.columns.get("kto_tag"))
+
+    def rows(self) -> Iterator[RawRow]:
+        """All rows of all files, in order."""
+        for file in self.files:
+            yield from read_rows(file)
+
+
+# --------------------------------------------------------------------------- auto-detection
+
+# First-row keys -> (formatting, column overrides). Checked in order; the first match wins.
+_LAYOUTS: tuple[tuple[frozenset[str], Formatting, dict[str, str]], ...] = (
+    (frozenset({"conversations"}), "sharegpt", {"messages": "conversations"}),
+    (frozenset({"messages"}), "sharegpt", {"messages": "messages"}),
+    (frozenset({"instruction"}), "alpaca", {}),
+    (frozenset({"prompt", "chosen", "rejected"}), "alpaca", {"prompt": "prompt"}),
+    (frozenset({"prompt", "completion"}), "alpaca", {"prompt": "prompt", "response": "completion"}),
+    (frozenset({"text"}), "text", {}),
+)
+_LABEL_KEYS = ("kto_tag", "label")
+
+
+def _chat_formatting(first: dict[str, Any], column: str) -> Formatting:
+    """sharegpt (``from``/``value`` turns) or openai (``role``/``content``), by the first turn's keys."""
+    turns = first.get(column)
+    head = turns[0] if isinstance(turns, list) and turns and isinstance(turns[0], dict) else {}
+    return "openai" if "role" in head else "sharegpt"
+
+
+def detect_spec(path: Path, name: str | None = None) -> DatasetSpec:
+    """Guess a spec for a file or directory that has no ``dataset_info.json`` entry.
+
+    The first record's keys decide: ``conversations``/``messages`` -> a chat (sharegpt or
+    openai by the turn keys), ``instruction`` -> alpaca, ``prompt``+``chosen``+``rejected``
+    or ``prompt``+``completion`` -> alpaca with those columns, ``text`` -> text. A
+    ``chosen``+``rejected`` pair makes it a preference dataset; a boolean ``label`` or
+    ``kto_tag`` makes it KTO. Anything else needs an explicit registry entry.
+    """
+    first = next(read_rows(path), None)
+    if first is None:
+        raise DataError("the dataset has no records", file=str(path))
+    keys = set(first.data)
+    for required, formatting, columns in _LAYOUTS:
+        if required <= keys:
+            break
+    else:
+        raise DataError(f"cannot tell the dataset layout from the first record's keys ({', '.join(sorted(keys))}).",
+                        file=str(path), hint="Expected alpaca (instruction/output), sharegpt (conversations), "
+                                             "openai (messages), preference (chosen/rejected) or text (text) "
+                                             f"records; or describe the file in {INFO_FILE}.")
+    if "messages" in columns:
+        formatting = _chat_formatting(first.data, columns["messages"])
+    columns = dict(columns)
+    label = next((key for key in _LABEL_KEYS if isinstance(first.data.get(key), bool)), None)
+    if label:
+        columns["kto_tag"] = label
+    ranking = {"chosen", "rejected"} <= keys
+    return DatasetSpec(name=name or path.name, files=[path], formatting=formatting, ranking=ranking,
+                       columns=columns)
+
+
+# --------------------------------------------------------------------------- the registry
+
+_HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url")
+
+
+def _load_info(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(_read_text(path))
+    except json.JSONDecodeError as err:
+        raise DataError(f"invalid JSON: {err.msg} at line {err.lineno}, column {err.colno}",
+                        file=str(path)) from None
+    if not isinstance(info, dict):
+        raise DataError(f"expected an object mapping dataset names to entries, found a {type_name(info)}",
+                        file=str(path))
+    return info
+
+
+def _entry_formatting(entry: dict[str, Any]) -> str:
+    """LLaMA-Factory's formatting, where an entry mapping only ``prompt`` is pre-training text.
+
+    LLaMA-Factory describes text corpora as ``{"columns": {"prompt": "text"}}`` with the
+    default (alpaca) formatting and lets the training stage decide; tunelab records carry
+    their kind, so such entries become ``text`` here.
+    """
+    formatting = entry.get("formatting", "alpaca")
+    columns = {key for key, value in (entry.get("columns") or {}).items() if value}
+    if formatting == "alpaca" and columns == {"prompt"} and not entry.get("ranking"):
+        return "text"
+    return formatting
+
+
+class DatasetRegistry:
+    """Dataset names from ``<dataset_dir>/dataset_info.json`` (LLaMA-Factory's file, unchanged).
+
+    Works without that file too: then only paths resolve. Entries are checked when they
+    are resolved, so one entry that cannot be used (for example a hub-only dataset) does
+    not stop the others from working.
+    """
+
+    def __init__(self, dataset_dir: str | Path = "data") -> None:
+        self.dataset_dir = Path(dataset_dir)
+        self.info_path = self.dataset_dir / INFO_FILE
+        self._entries = _load_info(self.info_path)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def resolve(self, name_or_path: str) -> DatasetSpec:
+        """A registry name, else an existing file or directory (as given, or under dataset_dir)."""
+        if name_or_path in self._entries:
+            return self._from_entry(name_or_path)
+        for candidate in (Path(name_or_path), self.dataset_dir / name_or_path):
+            if candidate.exists():
+                return detect_spec(candidate, name=name_or_path)
+        raise self._unknown(name_or_path)
+
+    def _from_entry(self, name: str) -> DatasetSpec:
+        entry = self._entries[name]
+        if not isinstance(entry, dict):
+            raise DataError(f"the entry for dataset '{name}' is a {type_name(entry)}, not an object",
+                            file=str(self.info_path))
+        return DatasetSpec(name=name, files=[self._entry_file(name, entry)],
+                           formatting=_entry_formatting(entry),  # type: ignore[arg-type]
+                           ranking=bool(entry.get("ranking", False)),
+                           columns=dict(entry.get("columns") or {}), tags=dict(entry.get("tags") or {}),
+                           num_samples=entry.get("num_samples"), split=entry.get("split") or "train")
+
+    def _entry_file(self, name: str, entry: dict[str, Any]) -> Path:
+        file_name = entry.get("file_name")
+        if not file_name:
+            hub = next((key for key in _HUB_KEYS if entry.get(key)), None)
+            if hub:
+                raise DataError(
+                    f"dataset '{name}' is only available from {hub} '{entry[hub]}', and it cannot be "
+                    "downloaded here: tunelab reads local files only (offline).", file=str(self.info_path),
+                    hint=f"Download the dataset's files into {self.dataset_dir}, then set \"file_name\" in "
+                         f"its {INFO_FILE} entry (a file or a directory name).")
+            raise DataError(f"dataset '{name}' has no \"file_name\".", file=str(self.info_path),
+                            hint=f"Set \"file_name\" to a file or directory inside {self.dataset_dir}.")
+        path = self.dataset_dir / file_name
+        if not path.exists():
+            raise DataError(f"dataset '{name}': file_name '{file_name}' does not exist in {self.dataset_dir}.",
+                            file=str(self.info_path), hint="Put the file there or correct \"file_name\".")
+        return path
+
+    def _unknown(self, name: str) -> DataError:
+        if not self._entries:
+            return DataError(f"'{name}' is not an existing file or directory, and there is no {INFO_FILE} "
+                             f"in {self.dataset_dir} to look dataset names up in.",
+                             hint="Pass a path to a dataset file or directory, or set data.dataset_dir.")
+        close = difflib.get_close_matches(name, self._entries, n=1, cutoff=0.5)
+        guess = f"Did you mean '{close[0]}'? " if close else ""
+        return DataError(f"'{name}' is neither a dataset in {self.info_path} nor an existing file or directory.",
+                         hint=f"{guess}Known datasets: {_listing(self.names)}.")
+
+
+def _listing(names: list[str], limit: int = 30) -> str:
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"

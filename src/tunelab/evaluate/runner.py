@@ -1,0 +1,107 @@
+"""``tunelab eval``: one task on one dataset, for a run and optionally its base model.
+
+Data are read and checked before any model is loaded, so a malformed file fails in a
+second, not after minutes of loading. With ``compare_base`` the same prepared data are
+scored twice -- by the tuned model and by the model it started from -- and printed side by
+side, which shows both the gain on the task and any loss of general ability (forgetting)
+when the dataset is a general benchmark.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any, Callable, Iterator
+
+from tunelab.config import ModelConfig, RunConfig, load_run_config
+from tunelab.errors import ConfigError
+from tunelab.evaluate.choice import choice_eval, plan_questions
+from tunelab.evaluate.choice_data import load_choice_data
+from tunelab.evaluate.forward import model_device
+from tunelab.evaluate.generation import check_references, generation_eval
+from tunelab.evaluate.perplexity import load_perplexity_records, perplexity
+from tunelab.evaluate.report import TaskResult, deltas, output_stem, print_table, write_outputs
+from tunelab.inference import LoadedRun, is_run_dir, load_run
+from tunelab.models.loader import load_base
+from tunelab.predict import prompts_and_references
+
+TASKS = ("perplexity", "generation", "choice")
+Evaluator = Callable[[LoadedRun], TaskResult]
+
+
+def run_config(run: str) -> RunConfig:
+    """The run's saved config, or defaults around a bare model name (what ``load_run`` uses)."""
+    return load_run_config(run) if is_run_dir(run) else RunConfig(model=ModelConfig(name_or_path=str(run)))
+
+
+def _check_options(task: str, shots: int, max_samples: int | None, batch_size: int, max_new_tokens: int) -> None:
+    if task not in TASKS:
+        raise ConfigError(f"--task {task!r} is not a task; choose one of {', '.join(TASKS)}.")
+    if shots < 0 or (shots and task != "choice"):
+        raise ConfigError(f"--shots {shots}: few-shot examples apply to --task choice only, and must be >= 0.")
+    if max_samples is not None and max_samples <= 0:
+        raise ConfigError(f"--max-samples {max_samples} must be positive (leave it out to use every record).")
+    if batch_size <= 0 or max_new_tokens <= 0:
+        raise ConfigError(f"--batch-size ({batch_size}) and --max-new-tokens ({max_new_tokens}) must be positive.")
+
+
+def prepare(task: str, data: str, cfg: RunConfig, shots: int, max_samples: int | None, batch_size: int,
+            max_new_tokens: int, chat_format: bool) -> Evaluator:
+    """Read and check the data now; return the function that scores one model on them."""
+    if task == "perplexity":
+        records = load_perplexity_records(data, cfg, max_samples)
+        return lambda loaded: perplexity(loaded, records, batch_size)
+    if task == "generation":
+        pairs = prompts_and_references(data, max_samples)
+        check_references(pairs, data)
+        return lambda loaded: generation_eval(loaded, pairs, batch_size, max_new_tokens)
+    planned = plan_questions(load_choice_data(data), shots, max_samples)
+    return lambda loaded: choice_eval(loaded, planned, batch_size, chat_format)
+
+
+@contextmanager
+def base_model(loaded: LoadedRun) -> Iterator[LoadedRun]:
+    """The run's starting model, prompted with the run's tokenizer and template.
+
+    Adapter methods switch their adapter off (``method.reference``: no second copy in
+    memory); methods that changed the weights themselves (full, freeze) load the base
+    again. Either way the prompt format is the run's, so the two columns differ only in
+    the weights.
+    """
+    if loaded.method is None:
+        raise ConfigError(f"--compare-base compares a trained run with its base model, but {loaded.source} is a "
+                          "bare model, not a run directory. Pass the output_dir of a `tunelab train` run.")
+    source = loaded.cfg.model.name_or_path
+    switched_off = loaded.method.reference(loaded.model)
+    if switched_off is not None:
+        with switched_off as model:
+            yield replace(loaded, model=model, method=None, source=f"{source} (adapter disabled)")
+        return
+    base, _ = load_base(loaded.cfg.model, model_device(loaded.model))
+    yield replace(loaded, model=base, method=None, source=source)
+
+
+def eval_main(run: str, task: str, data: str, compare_base: bool, shots: int, max_samples: int | None,
+              batch_size: int, max_new_tokens: int, chat_format: bool = True) -> dict[str, Any]:
+    """Evaluate ``run`` (a run directory or a bare model) on ``data``; print the table, write and return the result."""
+    _check_options(task, shots, max_samples, batch_size, max_new_tokens)
+    evaluate = prepare(task, data, run_config(run), shots, max_samples, batch_size, max_new_tokens, chat_format)
+    loaded = load_run(run)
+    tuned = evaluate(loaded)
+    base: TaskResult | None = None
+    if compare_base:
+        with base_model(loaded) as reference:
+            base = evaluate(reference)
+    result: dict[str, Any] = {
+        "task": task, "run": str(run), "data": str(data), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "settings": {"shots": shots, "max_samples": max_samples, "batch_size": batch_size,
+                     "max_new_tokens": max_new_tokens, "chat_format": chat_format},
+        "tuned": tuned.metrics}
+    if base is not None:
+        result.update(base=base.metrics, base_model=loaded.cfg.model.name_or_path,
+                      delta=deltas(tuned.metrics, base.metrics))
+    result["files"] = write_outputs(output_stem(str(run), task), result, tuned, base)
+    print_table(f"tunelab eval {task}", f"{run} on {data}", tuned.metrics,
+                base.metrics if base is not None else None)
+    return result

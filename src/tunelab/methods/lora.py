@@ -1,0 +1,323 @@
+"""The LoRA family through PEFT: LoRA, DoRA, rsLoRA, PiSSA, LoRA+, QLoRA, AdaLoRA, IA3.
+
+All of them add a small number of weights next to frozen base matrices, so they share
+one implementation (:class:`Lora`) and differ in a few switches:
+
+- ``dora``    decomposes each update into magnitude and direction (``use_dora``);
+- ``rslora``  scales updates by alpha / sqrt(r) instead of alpha / r (``use_rslora``),
+  which keeps high ranks from learning slower;
+- ``pissa``   starts A and B from the top-r singular triplets of each weight and trains
+  them against the residual weight; the saved adapter is converted back to a plain LoRA
+  relative to the *original* base (see :class:`Lora` "mutating initialisations");
+- ``loraplus`` gives the B matrices a larger learning rate (lr x ``loraplus_lr_ratio``,
+  16 by default), which the LoRA+ paper shows speeds up and improves feature learning;
+- ``qlora``   trains LoRA on a 4-bit base that the loader has already quantised;
+- ``adalora`` parameterises updates as P diag(E) Q and prunes singular values during
+  training to move rank budget to the matrices that need it;
+- ``ia3``     learns per-channel scaling vectors of keys, values and FFN inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+from torch import nn
+
+from tunelab.errors import ConfigError
+from tunelab.methods.base import register
+from tunelab.methods.peft_common import ADAPTER_NAME, PeftMethod
+
+if TYPE_CHECKING:
+    from peft import PeftConfig, PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from tunelab.config import MethodConfig, TrainConfig
+
+#: tunelab's ``method.init`` -> PEFT's ``init_lora_weights``. PiSSA uses the exact SVD:
+#: it is deterministic, so a resumed run rebuilds the same residual base.
+_LORA_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+
+#: Initialisations that move part of each base weight into A and B (W = W_res + s*B0*A0).
+_MUTATING_INITS = {"pissa", "olora"}
+
+#: LoRA+ ratio when ``method.type: loraplus`` leaves ``loraplus_lr_ratio`` unset (the paper's default).
+LORAPLUS_DEFAULT_RATIO = 16.0
+
+#: The attribute of a PeftModel that holds the adapter weights right after a mutating
+#: initialisation; present only on models created that way in this process.
+_INITIAL_ADAPTER_ATTR = "tunelab_initial_adapter"
+
+
+def _targets(target: str | list[str]) -> str | list[str]:
+    """``'all-linear'`` stays PEFT's keyword (every linear layer but the output head); a
+    single module name becomes a one-item list so PEFT matches it as a name suffix, not a regex."""
+    if isinstance(target, str):
+        return target if target == "all-linear" else [target]
+    return list(target)
+
+
+class Lora(PeftMethod):
+    """Plain LoRA; subclasses switch DoRA, rsLoRA, PiSSA or LoRA+ on.
+
+    Mutating initialisations (PiSSA, OLoRA) train A and B against a *residual* base
+    W_res = W - s*B0*A0. Right after creation the initial A0/B0 are kept on the model so
+    that (a) :meth:`save` can write the update as a plain LoRA relative to the original W
+    (rank 2r: [B, B0] x [A; -A0], PEFT's ``path_initial_model_for_weight_conversion``), and
+    (b) :meth:`reference` can reproduce the original model by swapping A0/B0 in.
+    """
+
+    peft_type = "LORA"
+    mergeable = True
+    #: Forced switches of the registered subclasses (OR-ed with the config flags).
+    use_dora: bool = False
+    use_rslora: bool = False
+    forced_init: str | None = None
+    default_loraplus_ratio: float | None = None
+
+    # -- configuration ----------------------------------------------------------------
+    def init_name(self) -> str:
+        """The effective ``method.init``; a method that forces one refuses a conflicting value."""
+        if self.forced_init is None:
+            return self.cfg.init
+        if self.cfg.init not in ("default", self.forced_init):
+            raise ConfigError(f"method.type '{self.cfg.type}' always uses init '{self.forced_init}', but method.init "
+                              f"is '{self.cfg.init}'. Remove method.init, or use method.type: lora with "
+                              f"init: {self.cfg.init}.")
+        return self.forced_init
+
+    def peft_config(self, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase") -> "PeftConfig":
+        from peft import LoraConfig
+
+        return LoraConfig(task_type="CAUSAL_LM", r=self.cfg.r, lora_alpha=self.cfg.alpha,
+                          lora_dropout=self.cfg.dropout, target_modules=_targets(self.cfg.target),
+                          modules_to_save=self.cfg.modules_to_save or None,
+                          use_dora=self.cfg.use_dora or self.use_dora,
+                          use_rslora=self.cfg.use_rslora or self.use_rslora,
+                          init_lora_weights=_LORA_INIT[self.init_name()])
+
+    def loraplus_ratio(self) -> float | None:
+        """The LoRA+ learning-rate ratio of B over A, or None for one learning rate."""
+        return self.cfg.loraplus_lr_ratio or self.default_loraplus_ratio
+
+    def param_groups(self, model: nn.Module, train: "TrainConfig") -> list[dict[str, Any]]:
+        """LoRA+: the B matrices learn ``ratio`` times faster than everything else."""
+        ratio = self.loraplus_ratio()
+        if ratio is None:
+            return super().param_groups(model, train)
+        fast, slow = [], []
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                (fast if ".lora_B." in name or ".lora_embedding_B." in name else slow).append(param)
+        groups = [{"params": slow, "lr": train.lr, "weight_decay": train.weight_decay},
+                  {"params": fast, "lr": train.lr * ratio, "weight_decay": train.weight_decay}]
+        return [group for group in groups if group["params"]]
+
+    # -- mutating initialisations (PiSSA, OLoRA) ----------------------------------------
+    def after_create(self, model: "PeftModel", base: "PreTrainedModel",
+                     tokenizer: "PreTrainedTokenizerBase") -> None:
+        if self.init_name() in _MUTATING_INITS:
+            setattr(model, _INITIAL_ADAPTER_ATTR,
+                    {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad})
+
+    def write_adapter(self, model: nn.Module, directory: Path) -> None:
+        """Mutated bases are written as a plain LoRA relative to the original base weights."""
+        initial = getattr(model, _INITIAL_ADAPTER_ATTR, None)
+        if initial is None:
+            return super().write_adapter(model, directory)
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        with tempfile.TemporaryDirectory(prefix="tunelab-initial-adapter-") as scratch:
+            # PEFT reads the initial adapter from <dir>/<name>/ and writes its config there itself.
+            initial_dir = Path(scratch) / "initial"
+            initial_dir.mkdir()
+            weights = get_peft_model_state_dict(model, state_dict=initial, adapter_name=ADAPTER_NAME)
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(initial_dir / "adapter_model.safetensors"))
+            model.save_pretrained(str(directory), path_initial_model_for_weight_conversion=str(initial_dir))
+
+    @contextmanager
+    def reference(self, model: nn.Module) -> Iterator[nn.Module]:
+        """The untrained model. After a mutating init, switching the adapter off would leave
+        only the residual base, so the initial A0/B0 are swapped in instead (no copy)."""
+        initial = getattr(model, _INITIAL_ADAPTER_ATTR, None)
+        if initial is None:
+            with super().reference(model) as ref:
+                yield ref
+            return
+        params = dict(model.named_parameters())
+        trained = {name: params[name].data for name in initial}
+        try:
+            for name, value in initial.items():
+                params[name].data = value
+            yield model
+        finally:
+            for name, value in trained.items():
+                params[name].data = value
+
+
+@register("lora")
+class PlainLora(Lora):
+    """LoRA (Hu et al., 2021): W + (alpha/r) * B A with A, B trained."""
+
+
+@register("dora")
+class Dora(Lora):
+    """DoRA (Liu et al., 2024): LoRA on the direction plus a trained magnitude vector."""
+
+    use_dora = True
+
+
+@register("rslora")
+class RsLora(Lora):
+    """rsLoRA (Kalajdzievski, 2023): scaling alpha / sqrt(r)."""
+
+    use_rslora = True
+
+
+@register("pissa")
+class Pissa(Lora):
+    """PiSSA (Meng et al., 2024): A, B from the principal singular triplets of W."""
+
+    forced_init = "pissa"
+
+
+@register("loraplus")
+class LoraPlus(Lora):
+    """LoRA+ (Hayou et al., 2024): lr of B = lr x ratio."""
+
+    default_loraplus_ratio = LORAPLUS_DEFAULT_RATIO
+
+
+def is_4bit(model: nn.Module) -> bool:
+    """Whether transformers loaded ``model`` through bitsandbytes in 4 bits."""
+    return bool(getattr(model, "is_loaded_in_4bit", False))
+
+
+@register("qlora")
+class QLora(Lora):
+    """QLoRA (Dettmers et al., 2023): LoRA on a frozen NF4 base.
+
+    Merging cannot add the update into 4-bit weights without re-quantising them (which
+    would lose most of it), so :meth:`merge` dequantises the base into a float model
+    first and merges there: the result equals the trained model up to the float rounding
+    of the dequantised weights, and can be re-quantised or exported like any model.
+    """
+
+    def prepare_base(self, model: "PreTrainedModel") -> "PreTrainedModel":
+        """Freeze the 4-bit base and upcast its small float parts (norms) to fp32 for stable training.
+
+        Gradient checkpointing is left to the training loop (``train.gradient_checkpointing``).
+        """
+        from peft import prepare_model_for_kbit_training
+
+        if not is_4bit(model):
+            raise ConfigError("method.type 'qlora' trains LoRA on a 4-bit base, but the base model was loaded "
+                              "unquantised. Set model.quantization: 4bit (with bitsandbytes installed), or use "
+                              "method.type: lora for a float base.")
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+    def merge(self, model: nn.Module) -> "PreTrainedModel":
+        """Dequantise the base into a float model, re-attach the adapter there and merge it."""
+        from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+        config = copy.deepcopy(model.peft_config[ADAPTER_NAME])
+        config.init_lora_weights = True  # the weights below replace the initialisation anyway
+        config.inference_mode = True
+        trained = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
+        weights = {k: v.detach().clone() for k, v in trained.items()}
+        base = model.unload()
+        base.dequantize(dtype=_float_dtype(weights))
+        base.__dict__.pop("is_loaded_in_4bit", None)  # transformers leaves this flag behind
+        float_model = get_peft_model(base, config, adapter_name=ADAPTER_NAME)
+        set_peft_model_state_dict(float_model, weights, adapter_name=ADAPTER_NAME)
+        return float_model.merge_and_unload()
+
+
+def _float_dtype(weights: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype the adapter was trained in: the merged model keeps it."""
+    return next(iter(weights.values())).dtype
+
+
+@register("adalora")
+class AdaLora(PeftMethod):
+    """AdaLoRA (Zhang et al., 2023): SVD-form updates whose ranks are reallocated while training.
+
+    The rank budget follows a schedule over the whole run, so the training loop must call
+    :meth:`configure_schedule` with the number of optimizer steps before :meth:`apply`,
+    and :meth:`on_optimizer_step` after every ``optimizer.step()`` (before ``zero_grad``:
+    the importance scores read the gradients).
+    """
+
+    peft_type = "ADALORA"
+    mergeable = True
+
+    def __init__(self, cfg: "MethodConfig"):
+        super().__init__(cfg)
+        self.total_steps: int | None = None
+
+    def configure_schedule(self, total_steps: int) -> None:
+        """Tell AdaLoRA how many optimizer steps the run has (its budget schedule spans them)."""
+        self.total_steps = total_steps
+
+    def peft_config(self, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase") -> "PeftConfig":
+        from peft import AdaLoraConfig
+
+        cfg = self.cfg
+        if cfg.target_r > cfg.init_r:
+            raise ConfigError(f"AdaLoRA: method.target_r ({cfg.target_r}) is larger than method.init_r "
+                              f"({cfg.init_r}); AdaLoRA only prunes ranks, so set target_r <= init_r.")
+        return AdaLoraConfig(task_type="CAUSAL_LM", init_r=cfg.init_r, target_r=cfg.target_r,
+                             lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=_targets(cfg.target),
+                             modules_to_save=cfg.modules_to_save or None, **self.schedule())
+
+    def schedule(self) -> dict[str, int]:
+        """This run's rank-budget schedule, checked to leave room for allocation."""
+        cfg = self.cfg
+        if self.total_steps is None:
+            raise ConfigError("method.type 'adalora' needs the number of optimizer steps of the run before the "
+                              "adapter is created: call configure_schedule(total_steps) before apply().")
+        if not cfg.tinit < self.total_steps - cfg.tfinal:
+            raise ConfigError(f"AdaLoRA: method.tinit ({cfg.tinit}) + method.tfinal ({cfg.tfinal}) leave no steps "
+                              f"for rank allocation in a run of {self.total_steps} optimizer steps. Lower tinit/"
+                              "tfinal or train for more steps.")
+        return {"tinit": cfg.tinit, "tfinal": cfg.tfinal, "deltaT": cfg.deltaT, "total_step": self.total_steps}
+
+    def load_trainable(self, base: "PreTrainedModel", path: Path) -> nn.Module:
+        """Continue an AdaLoRA adapter (ranks as saved) under this run's budget schedule."""
+        from peft import PeftConfig, PeftModel
+
+        config = PeftConfig.from_pretrained(str(path))
+        for key, value in self.schedule().items():
+            setattr(config, key, value)
+        return PeftModel.from_pretrained(base, str(path), adapter_name=ADAPTER_NAME, config=config,
+                                         is_trainable=True)
+
+    def on_optimizer_step(self, model: nn.Module, step: int) -> None:
+        """Update importance scores and prune to the rank budget of global optimizer step ``step``."""
+        model.base_model.update_and_allocate(step)
+
+
+@register("ia3")
+class IA3(PeftMethod):
+    """(IA)^3 (Liu et al., 2022): learned rescaling of keys, values and FFN activations.
+
+    ``target: all-linear`` (the default) means the paper's choice, which PEFT knows per
+    architecture (Llama: k_proj, v_proj and down_proj, the last scaled on its input as the
+    feed-forward module).
+    """
+
+    peft_type = "IA3"
+    mergeable = True
+
+    def peft_config(self, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase") -> "PeftConfig":
+        from peft import IA3Config
+
+        target = None if self.cfg.target == "all-linear" else _targets(self.cfg.target)
+        return IA3Config(task_type="CAUSAL_LM", target_modules=target,
+                         feedforward_modules=self.cfg.feedforward_modules,
+                         modules_to_save=self.cfg.modules_to_save or None)

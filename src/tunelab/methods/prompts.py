@@ -1,0 +1,173 @@
+"""Prompt learning through PEFT: prefix-tuning, prompt tuning, P-tuning, P-tuning v2.
+
+These methods learn *virtual tokens*, not changes to the base weights:
+
+- ``prompt``     (Lester et al., 2021) trainable input embeddings prepended to every
+  sequence; random, or initialised from the embeddings of ``prompt_init_text``;
+- ``ptuning``    (Liu et al., 2021, "GPT understands, too") input embeddings produced by a
+  small MLP or LSTM prompt encoder (``encoder_type``);
+- ``prefix``     (Li & Liang, 2021) trainable key/value prefixes in every attention layer,
+  optionally reparameterised through an MLP (``prefix_projection``, ``encoder_hidden_size``);
+- ``ptuning_v2`` (Liu et al., 2022) "deep prompt tuning": the same per-layer key/value
+  prefixes, trained directly. In PEFT terms that is prefix-tuning *without*
+  reparameterisation, so it maps onto ``PrefixTuningConfig(prefix_projection=False)``.
+
+Two PEFT limits shape :meth:`PromptMethod.write_adapter`: PEFT cannot reload a
+prompt-learning adapter as trainable, and for P-tuning and projected prefixes it saves only
+the encoder's *output* (the final virtual embeddings), not the encoder itself. The PEFT
+directory therefore gets one extra file, ``tunelab_trainable.safetensors``, with every
+trainable tensor of the prompt encoder, from which ``init_from`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from tunelab.errors import ConfigError
+from tunelab.methods.base import register, trainable_state
+from tunelab.methods.peft_common import ADAPTER_NAME, PeftMethod
+
+if TYPE_CHECKING:
+    from peft import PeftConfig, PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+#: Full trainable state of the prompt encoder, next to PEFT's own files.
+TRAINABLE_FILE = "tunelab_trainable.safetensors"
+
+
+class PromptMethod(PeftMethod):
+    """Shared persistence of the prompt-learning methods."""
+
+    mergeable = False
+    #: PEFT prepends the virtual tokens once per row and ignores position ids, so several
+    #: examples packed into one row would share one prompt and see wrong positions.
+    supports_packing = False
+    merge_refusal = ("its learned virtual tokens are extra inputs (embeddings or attention key/value prefixes) "
+                     "fed to the model on every call, not changes to the base model's weights, so there is "
+                     "nothing to fold into them.")
+
+    def write_adapter(self, model: nn.Module, directory: Path) -> None:
+        """PEFT's directory plus the encoder's full trainable state (what PEFT leaves out)."""
+        from safetensors.torch import save_file
+
+        super().write_adapter(model, directory)
+        save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, str(directory / TRAINABLE_FILE))
+
+    def load_trainable(self, base: "PreTrainedModel", path: Path) -> nn.Module:
+        """Rebuild a trainable adapter from the saved config and restore every encoder tensor."""
+        from peft import PeftConfig, get_peft_model
+        from safetensors.torch import load_file
+
+        state_file = path / TRAINABLE_FILE
+        if not state_file.is_file():
+            raise ConfigError(f"{state_file} is missing: the prompt adapter in {path} was not saved by tunelab "
+                              "(PEFT alone keeps only the final virtual embeddings), so training cannot continue "
+                              "from it. Train a new adapter instead of using method.init_from.")
+        config = PeftConfig.from_pretrained(str(path))
+        config.inference_mode = False
+        model = get_peft_model(base, config, adapter_name=ADAPTER_NAME)
+        _restore_trainable(model, load_file(str(state_file)), state_file)
+        return model
+
+
+def _restore_trainable(model: nn.Module, saved: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy ``saved`` into the trainable parameters; names and shapes must match exactly."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(saved):
+        missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+        raise ConfigError(f"{source} does not fit the adapter described by its adapter_config.json "
+                          f"(missing: {missing[:3]}, unexpected: {extra[:3]}). The directory was edited or mixed "
+                          "from different runs; point method.init_from at an intact run directory.")
+    with torch.no_grad():
+        for name, param in params.items():
+            if param.shape != saved[name].shape:
+                raise ConfigError(f"{source}: tensor '{name}' has shape {tuple(saved[name].shape)} but the adapter "
+                                  f"expects {tuple(param.shape)}; point method.init_from at an intact run directory.")
+            param.copy_(saved[name])
+
+
+def _encoder_hidden_size(method: PeftMethod, model: "PreTrainedModel") -> int:
+    """``encoder_hidden_size``, defaulting to the model's hidden size."""
+    return method.cfg.encoder_hidden_size or model.config.hidden_size
+
+
+@register("prefix")
+class Prefix(PromptMethod):
+    """Prefix-tuning: trained key/value prefixes in every layer, optionally through an MLP."""
+
+    peft_type = "PREFIX_TUNING"
+    #: PEFT passes prefixes as past_key_values, which gradient checkpointing does not support.
+    supports_gradient_checkpointing = False
+
+    def peft_config(self, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase") -> "PeftConfig":
+        from peft import PrefixTuningConfig
+
+        return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=self.cfg.num_virtual_tokens,
+                                  prefix_projection=self.cfg.prefix_projection,
+                                  encoder_hidden_size=_encoder_hidden_size(self, model))
+
+
+@register("ptuning_v2")
+class PTuningV2(Prefix):
+    """P-tuning v2: deep prompts at every layer = prefix-tuning without reparameterisation."""
+
+    def peft_config(self, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase") -> "PeftConfig":
+        if self.cfg.prefix_projection:
+            raise ConfigError("method.type 'ptuning_v2' trains the per-layer prompts directly; "
+                              "method.prefix_projection: true is the reparameterised variant, which is "
+                              "method.type: prefix. Use that, or drop prefix_projection.")
+        return super().peft_config(model, tokenizer)
+
+
+@register("prompt")
+class PromptTuning(PromptMethod):
+    """Prompt tuning: trained input embeddings, random or from ``prompt_init_text``."""
+
+    peft_type = "PROMPT_TUNING"
+
+    def peft_config(self, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase") -> "PeftConfig":
+        from peft import PromptTuningConfig
+
+        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=self.cfg.num_virtual_tokens,
+                                  prompt_tuning_init="RANDOM")
+
+    def after_create(self, model: "PeftModel", base: "PreTrainedModel",
+                     tokenizer: "PreTrainedTokenizerBase") -> None:
+        """Text initialisation from the tokenizer object we already have.
+
+        PEFT's own TEXT init re-loads a tokenizer from a path, which an in-memory or GGUF
+        tokenizer does not have; the idea (Lester et al.) is simply to start the virtual
+        tokens at the embeddings of a task description, repeated to fill them all.
+        """
+        text = self.cfg.prompt_init_text
+        if not text:
+            return
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ConfigError(f"method.prompt_init_text {text!r} tokenizes to nothing; give a non-empty text.")
+        count = self.cfg.num_virtual_tokens
+        ids = (ids * math.ceil(count / len(ids)))[:count]
+        embeddings = base.get_input_embeddings()
+        encoder = model.prompt_encoder[ADAPTER_NAME].embedding
+        with torch.no_grad():
+            vectors = embeddings(torch.tensor(ids, device=embeddings.weight.device))
+            encoder.weight.copy_(vectors.to(encoder.weight.dtype))
+
+
+@register("ptuning")
+class PTuning(PromptMethod):
+    """P-tuning: virtual input embeddings produced by an MLP or LSTM prompt encoder."""
+
+    peft_type = "P_TUNING"
+
+    def peft_config(self, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase") -> "PeftConfig":
+        from peft import PromptEncoderConfig
+
+        return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=self.cfg.num_virtual_tokens,
+                                   encoder_reparameterization_type=self.cfg.encoder_type.upper(),
+                                   encoder_hidden_size=_encoder_hidden_size(self, model))

@@ -1,0 +1,411 @@
+"""The OpenAI-compatible server: one tiny base with two LoRA runs, checked against PEFT directly.
+
+Every answer the server gives is compared with what a plain ``PeftModel`` (or the bare
+base) generates greedily for the same chat, so adapter leaks, template drift, padding or
+batching bugs all show up as different text.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+fastapi = pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from tunelab.config import MethodConfig, ModelConfig, RunConfig, save_config  # noqa: E402
+from tunelab.data.records import Message  # noqa: E402
+from tunelab.errors import ConfigError  # noqa: E402
+from tunelab.inference import (Completion, GenerationOptions, GenerationRow, complete, encode_prompt,  # noqa: E402
+                               stream)
+from tunelab.serve.app import build_engine, create_app  # noqa: E402
+from tunelab.serve.catalog import plan  # noqa: E402
+from tunelab.serve.engine import Engine, Job, ServedModel  # noqa: E402
+from tunelab.testing.tiny import save_tiny_model_dir  # noqa: E402
+
+BASE_ID = "tiny-base"
+QUESTIONS = ["Who are you?", "What is the capital of France?", "Write a short poem about the sea.",
+             "hi", "Translate hello to French please, in one word."]
+MAX_TOKENS = 10
+CPU = torch.device("cpu")  # the references below run in fp32 on the CPU; so does the server under test
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+def make_run(run_dir: Path, base_dir: Path, seed: int) -> Path:
+    """A run directory as training leaves it: config, tokenizer, PEFT LoRA adapter (random, non-zero B)."""
+    cfg = RunConfig(model=ModelConfig(name_or_path=str(base_dir)), method=MethodConfig(type="lora", r=4),
+                    output_dir=str(run_dir))
+    save_config(cfg, run_dir / "config.yaml")
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(run_dir)
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    model.save_pretrained(run_dir / "adapter")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serve")
+    base = save_tiny_model_dir(root / BASE_ID)
+    return {"base": base, "run-a": make_run(root / "run-a", base, 1), "run-b": make_run(root / "run-b", base, 2)}
+
+
+@pytest.fixture(scope="module")
+def references(dirs) -> dict[str, torch.nn.Module]:
+    """Independent models per id: a fresh base with PeftModel.from_pretrained, or the bare base."""
+    refs = {BASE_ID: AutoModelForCausalLM.from_pretrained(dirs["base"]).eval()}
+    for run in ("run-a", "run-b"):
+        base = AutoModelForCausalLM.from_pretrained(dirs["base"])
+        refs[run] = PeftModel.from_pretrained(base, str(dirs[run] / "adapter")).eval()
+    return refs
+
+
+@pytest.fixture(scope="module")
+def tok(dirs):
+    return AutoTokenizer.from_pretrained(dirs["base"])
+
+
+def chat_ids(tok, question: str) -> list[int]:
+    """The prompt as the tokenizer's own chat template renders it (not through tunelab)."""
+    text = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                   add_generation_prompt=True)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def direct(references, tok, model_id: str, prompt_ids: list[int], max_tokens: int = MAX_TOKENS) -> tuple[str, int]:
+    """(text, generated token count) of plain greedy generation, cut after the first eos."""
+    ids = torch.tensor([prompt_ids])
+    out = references[model_id].generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                        max_new_tokens=max_tokens, eos_token_id=[tok.eos_token_id],
+                                        pad_token_id=tok.pad_token_id)
+    new = out[0, len(prompt_ids):].tolist()
+    if tok.eos_token_id in new:
+        new = new[:new.index(tok.eos_token_id) + 1]
+    return tok.decode(new, skip_special_tokens=True), len(new)
+
+
+@pytest.fixture(scope="module")
+def engine(dirs) -> Engine:
+    return build_engine([str(dirs["run-a"]), str(dirs["run-b"])], "transformers", max_batch_size=8, device=CPU)
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    with TestClient(create_app(engine)) as test_client:
+        yield test_client
+
+
+def ask(client, model: str, question: str, **params: Any):
+    body = {"model": model, "messages": [{"role": "user", "content": question}], "temperature": 0,
+            "max_tokens": MAX_TOKENS, **params}
+    return client.post("/v1/chat/completions", json=body)
+
+
+def sse_events(response) -> list[Any]:
+    events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    return [event if event == "[DONE]" else json.loads(event) for event in events]
+
+
+def assert_openai_error(response, status: int, type_: str = "invalid_request_error") -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == type_
+    return error
+
+
+# ---------------------------------------------------------------------------- models and answers
+
+def test_models_lists_every_run_and_the_base(client):
+    data = client.get("/v1/models").json()["data"]
+    assert [m["id"] for m in data] == ["run-a", "run-b", BASE_ID]
+    assert [m["parent"] for m in data] == [BASE_ID, BASE_ID, None]
+    assert data[0]["max_model_len"] == 512
+    assert client.get("/v1/models/run-b").json()["id"] == "run-b"
+    assert client.get("/health").json()["status"] == "ok"
+
+
+def test_greedy_answers_equal_direct_peft_generation_with_usage(client, references, tok):
+    answers = {}
+    for model in ("run-a", "run-b", BASE_ID):
+        body = ask(client, model, QUESTIONS[0]).json()
+        prompt_ids = chat_ids(tok, QUESTIONS[0])
+        text, generated = direct(references, tok, model, prompt_ids)
+        choice = body["choices"][0]
+        assert body["model"] == model and body["object"] == "chat.completion"
+        assert choice["message"] == {"role": "assistant", "content": text}
+        assert choice["finish_reason"] == ("stop" if generated < MAX_TOKENS else "length")
+        assert body["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": generated,
+                                 "total_tokens": len(prompt_ids) + generated}
+        answers[model] = text
+    assert len(set(answers.values())) == 3  # the adapters really change the answer, so a leak would show
+
+
+class _Gate:
+    """Wraps a backend: the first batch waits for ``open``, so later requests pile up in the queue."""
+
+    def __init__(self, inner):
+        self.inner, self.models = inner, inner.models
+        self.entered, self.open = threading.Event(), threading.Event()
+        self.batches: list[tuple[str, int]] = []
+
+    def run(self, model: ServedModel, rows: list[GenerationRow]) -> list[Completion]:
+        self.entered.set()
+        assert self.open.wait(30)
+        self.batches.append((model.id, len(rows)))
+        return self.inner.run(model, rows)
+
+
+def test_interleaved_concurrent_requests_are_batched_per_model_without_leaks(engine, references, tok):
+    gate = _Gate(engine.backend)
+    gated = Engine(gate, max_batch_size=8)
+    plan_ = [("run-a", QUESTIONS[0]), ("run-b", QUESTIONS[1]), (BASE_ID, QUESTIONS[2]), ("run-a", QUESTIONS[3]),
+             ("run-b", QUESTIONS[4]), (BASE_ID, QUESTIONS[0]), ("run-a", QUESTIONS[4])]
+    results: dict[int, Any] = {}
+    with TestClient(create_app(gated)) as client:
+        def worker(i: int) -> None:
+            results[i] = ask(client, *plan_[i]).json()
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(plan_))]
+        threads[0].start()
+        assert gate.entered.wait(30)
+        for thread in threads[1:]:
+            thread.start()
+        deadline = time.time() + 30
+        while gated.queued < len(plan_) - 1 and time.time() < deadline:
+            time.sleep(0.01)
+        gate.open.set()
+        for thread in threads:
+            thread.join(60)
+    assert gate.batches[0] == ("run-a", 1)
+    assert sorted(gate.batches[1:]) == sorted([("run-a", 2), ("run-b", 2), (BASE_ID, 2)])
+    for i, (model, question) in enumerate(plan_):
+        expected, _ = direct(references, tok, model, chat_ids(tok, question))
+        assert results[i]["choices"][0]["message"]["content"] == expected, (model, question)
+
+
+def test_streamed_chat_equals_the_full_answer(client):
+    full = ask(client, "run-b", QUESTIONS[1]).json()
+    with client.stream("POST", "/v1/chat/completions", json={
+            "model": "run-b", "messages": [{"role": "user", "content": QUESTIONS[1]}], "temperature": 0,
+            "max_tokens": MAX_TOKENS, "stream": True, "stream_options": {"include_usage": True}}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks, usage = events[:-2], events[-2]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == full["choices"][0]["message"]["content"]
+    assert len(chunks) > 3  # streamed in pieces, not in one block
+    assert chunks[-1]["choices"][0]["finish_reason"] == full["choices"][0]["finish_reason"]
+    assert usage["choices"] == [] and usage["usage"] == full["usage"]
+
+
+def test_n_choices_greedy_and_seeded_sampling(client, references, tok):
+    body = ask(client, "run-a", QUESTIONS[0], n=2).json()
+    expected, generated = direct(references, tok, "run-a", chat_ids(tok, QUESTIONS[0]))
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert [c["message"]["content"] for c in body["choices"]] == [expected, expected]
+    assert body["usage"]["completion_tokens"] == 2 * generated
+    assert body["usage"]["prompt_tokens"] == len(chat_ids(tok, QUESTIONS[0]))  # the prompt counts once
+    sampled = [ask(client, "run-a", QUESTIONS[0], n=3, temperature=1.0, seed=7).json() for _ in range(2)]
+    texts = [[c["message"]["content"] for c in s["choices"]] for s in sampled]
+    assert texts[0] == texts[1]  # a seed reproduces the answers
+    assert len(set(texts[0])) > 1  # and the choices are independent samples
+
+
+def test_stop_string_cuts_the_answer(client, references, tok):
+    expected, _ = direct(references, tok, "run-a", chat_ids(tok, QUESTIONS[0]))
+    stop = expected[3:6]
+    body = ask(client, "run-a", QUESTIONS[0], stop=[stop]).json()
+    assert body["choices"][0]["message"]["content"] == expected[:expected.index(stop)]
+    assert body["choices"][0]["finish_reason"] == "stop"
+
+
+def test_completions_endpoint_with_a_list_of_prompts(client, references, tok):
+    prompts = ["The capital of France is", "Waves fold"]
+    body = client.post("/v1/completions", json={"model": "run-b", "prompt": prompts, "temperature": 0,
+                                                "max_tokens": 6}).json()
+    assert body["object"] == "text_completion"
+    for choice, prompt in zip(body["choices"], prompts):
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        assert choice["text"] == direct(references, tok, "run-b", ids, 6)[0]
+    assert body["usage"]["prompt_tokens"] == sum(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+
+
+# ---------------------------------------------------------------------------- errors
+
+def test_api_key_is_required_when_set(engine):
+    with TestClient(create_app(engine, api_key="s3cret")) as client:
+        assert assert_openai_error(client.get("/v1/models"), 401)["code"] == "invalid_api_key"
+        assert_openai_error(client.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+        assert_openai_error(ask(client, "run-a", "hi"), 401)
+        assert client.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert client.get("/health").status_code == 200
+
+
+def test_bad_requests_are_openai_style_400s(client):
+    malformed = client.post("/v1/chat/completions", content=b'{"model": "run-a", "messages": [',
+                            headers={"Content-Type": "application/json"})
+    assert "not valid JSON" in assert_openai_error(malformed, 400)["message"]
+    assert assert_openai_error(ask(client, "run-a", "hi", temperature=-1), 400)["param"] == "temperature"
+    assert assert_openai_error(ask(client, "run-a", "hi", n=0), 400)["param"] == "n"
+    missing = client.post("/v1/chat/completions", json={"model": "run-a"})
+    assert assert_openai_error(missing, 400)["param"] == "messages"
+    tools = ask(client, "run-a", "hi", tools=[{"type": "function", "function": {"name": "f"}}])
+    assert "'tools' is not supported" in assert_openai_error(tools, 400)["message"]
+    assert_openai_error(client.get("/v1/nothing-here"), 404)
+
+
+def test_unknown_model_is_404_listing_the_available_ones(client):
+    error = assert_openai_error(ask(client, "gpt-4", "hi"), 404)
+    assert error["code"] == "model_not_found" and "run-a, run-b, tiny-base" in error["message"]
+
+
+def test_too_long_prompt_is_400_with_the_limit(client):
+    error = assert_openai_error(ask(client, "run-a", "the quick brown fox " * 200, max_tokens=16), 400)
+    assert error["code"] == "context_length_exceeded"
+    assert "context of 512 tokens" in error["message"] and "at most 496 tokens" in error["message"]
+
+
+class _Broken:
+    def __init__(self, models: dict[str, ServedModel]):
+        self.models = models
+
+    def run(self, model: ServedModel, rows: list[GenerationRow]) -> list[Completion]:
+        raise RuntimeError("secret internal detail")
+
+
+def test_generation_failure_is_a_generic_500(engine):
+    with TestClient(create_app(Engine(_Broken(engine.models)))) as client:
+        response = ask(client, "run-a", "hi")
+        error = assert_openai_error(response, 500, "server_error")
+        assert "secret" not in response.text and "Traceback" not in response.text and "server log" in error["message"]
+        assert ask(client, "run-b", "hi").status_code == 500  # the worker survives and keeps answering
+
+
+# ---------------------------------------------------------------------------- engine and planning
+
+class _Recorder:
+    """A fake backend that answers instantly and records each batch."""
+
+    def __init__(self, models: dict[str, ServedModel]):
+        self.models = models
+        self.batches: list[list[str]] = []
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def run(self, model: ServedModel, rows: list[GenerationRow]) -> list[Completion]:
+        self.entered.set()
+        assert self.release.wait(10)
+        self.batches.append([model.id] * len(rows))
+        return [Completion(f"{model.id}:{r.prompt_ids[0]}", "stop", 1, 1) for r in rows]
+
+
+def _job(model_id: str, marker: int, done: list, **options: Any) -> Job:
+    row = GenerationRow([marker], GenerationOptions(temperature=0, **options))
+    return Job(model_id, [row], on_done=done.append)
+
+
+def test_engine_batches_compatible_jobs_and_drains_the_queue_on_stop(engine):
+    backend = _Recorder(engine.models)
+    eng = Engine(backend, max_batch_size=3)
+    eng.start()
+    done: list = []
+    jobs = [_job("run-a", 0, done), _job("run-a", 1, done), _job("run-b", 2, done), _job("run-a", 3, done),
+            _job("run-a", 4, done, max_new_tokens=5), _job("run-a", 5, done, seed=1), _job("run-a", 6, done)]
+    eng.submit(jobs[0])
+    assert backend.entered.wait(10)  # the worker is busy with the first job; the rest queue up
+    for job in jobs[1:]:
+        eng.submit(job)
+    backend.release.set()
+    eng.stop()  # returns only after every queued job has been answered
+    assert len(done) == len(jobs)
+    # max_tokens may differ inside a batch; seeded jobs run alone; at most 3 rows per batch.
+    assert [len(b) for b in backend.batches] == [1, 3, 1, 1, 1] and backend.batches[2] == ["run-b"]
+    assert sorted(d[0].text for d in done) == sorted(f"{j.model_id}:{j.rows[0].prompt_ids[0]}" for j in jobs)
+    with pytest.raises(Exception, match="shutting down"):
+        eng.submit(_job("run-a", 0, done))
+
+
+def test_cancelled_row_stops_generating(engine):
+    model = engine.models["run-a"]
+    ids = encode_prompt(model.run, [Message("user", "hi")])
+    cancel = threading.Event()
+    row = GenerationRow(ids, GenerationOptions(max_new_tokens=50, temperature=0),
+                        on_text=lambda text: cancel.set(), cancelled=cancel)
+    with model.activate():
+        result = complete(model.run, [row])[0]
+    assert result.finish_reason == "cancelled" and result.completion_tokens < 5
+
+
+def test_inference_stream_never_emits_a_stop_string(engine, references, tok):
+    model = engine.models["run-a"]
+    expected, _ = direct(references, tok, "run-a", chat_ids(tok, QUESTIONS[0]))
+    stop = expected[4:7]
+    with model.activate():  # the shared module: select run-a's adapter, as the engine's worker does
+        pieces = list(stream(model.run, [Message("user", QUESTIONS[0])],
+                             GenerationOptions(max_new_tokens=MAX_TOKENS, temperature=0, stop=[stop])))
+    assert "".join(pieces) == expected[:expected.index(stop)]
+
+
+def test_plan_renames_colliding_ids_and_refuses_a_different_base(dirs, tmp_path):
+    twin = make_run(tmp_path / "other" / "run-a", dirs["base"], 3)
+    served = plan([str(dirs["run-a"]), str(twin)])
+    assert [r.id for r in served.runs] == ["run-a", "run-a-2"] and served.base_id == BASE_ID
+    assert any("'run-a-2'" in note for note in served.notes)
+    other_base = save_tiny_model_dir(tmp_path / "other-base", seed=1)
+    stranger = make_run(tmp_path / "stranger", other_base, 4)
+    with pytest.raises(ConfigError, match="share one base model"):
+        plan([str(dirs["run-a"]), str(stranger)])
+    with pytest.raises(ConfigError, match="not a tunelab run directory"):
+        plan([str(tmp_path)])
+
+
+# ---------------------------------------------------------------------------- real client, real server
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_official_openai_client_against_uvicorn(dirs, references, tok):
+    openai = pytest.importorskip("openai")
+    uvicorn = pytest.importorskip("uvicorn")
+    engine = build_engine([str(dirs["run-a"]), str(dirs["run-b"])], "transformers", max_batch_size=4, device=CPU)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key="k"), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 30
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+        assert [m.id for m in api.models.list()] == ["run-a", "run-b", BASE_ID]
+        messages = [{"role": "user", "content": QUESTIONS[1]}]
+        answer = api.chat.completions.create(model="run-b", messages=messages, temperature=0, max_tokens=MAX_TOKENS)
+        expected, generated = direct(references, tok, "run-b", chat_ids(tok, QUESTIONS[1]))
+        assert answer.choices[0].message.content == expected and answer.usage.completion_tokens == generated
+        pieces = api.chat.completions.create(model="run-b", messages=messages, temperature=0,
+                                             max_tokens=MAX_TOKENS, stream=True)
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in pieces) == expected
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bad", max_retries=0).models.list()
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    assert not thread.is_alive()
