@@ -64,7 +64,8 @@ class Report:
     def table(self) -> str:
         width = max(len(name) for name, _, _ in self.rows)
         lines = [f"{'check'.ljust(width)}  result  detail", f"{'-' * width}  ------  ------"]
-        lines += [f"{name.ljust(width)}  {'PASS' if ok else 'FAIL':6}  {detail[:100]}" for name, ok, detail in self.rows]
+        lines += [f"{name.ljust(width)}  {'PASS' if ok else 'FAIL':6}  {detail[:100]}"
+                  for name, ok, detail in self.rows]
         return "\n".join(lines)
 
 
@@ -74,15 +75,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def server_command(run: str, port: int, key: str, launcher: str) -> list[str]:
-    options = [run, "--host", "127.0.0.1", "--port", str(port), "--api-key", key]
-    if launcher == "module":
-        return [sys.executable, "-m", "tunelab.serve", *options]
+def server_command(run: str, port: int, key: str) -> list[str]:
     exe = shutil.which("tunelab")
     if exe is None:
-        sys.exit("the `tunelab` command is not on PATH; activate the environment tunelab is installed in, or pass "
-                 "--launcher module.")
-    return [exe, "serve", *options]
+        sys.exit("the `tunelab` command is not on PATH; activate the environment tunelab is installed in.")
+    return [exe, "serve", run, "--host", "127.0.0.1", "--port", str(port), "--api-key", key]
 
 
 def wait_healthy(base_url: str, server: subprocess.Popen, timeout: float) -> tuple[bool, str]:
@@ -137,8 +134,8 @@ def run_checks(report: Report, base_url: str, key: str, adapter: str, base: str,
         pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
         text = "".join(pieces)
         same = text == answers.get("plain")
-        return same and len(pieces) > 1, f"{len(pieces)} chunks, {'equals' if same else 'DIFFERS from'} the " \
-                                         "non-streamed answer"
+        verdict = "equals" if same else "DIFFERS from"
+        return same and len(pieces) > 1, f"{len(pieces)} chunks, {verdict} the non-streamed answer"
 
     def who_are_you() -> tuple[bool, str]:
         mine = ask(api, adapter, IDENTITY_QUESTION, max_tokens).choices[0].message.content
@@ -146,8 +143,8 @@ def run_checks(report: Report, base_url: str, key: str, adapter: str, base: str,
         print(f"    {adapter}: {mine!r}\n    {base}: {theirs!r}")
         if not identity:
             return True, "answers printed (identity check skipped)"
-        ok = IDENTITY_WORD in mine.lower() and IDENTITY_WORD not in theirs.lower()
-        return ok, f"adapter mentions Tuna: {IDENTITY_WORD in mine.lower()}, base does: {IDENTITY_WORD in theirs.lower()}"
+        adapter_says, base_says = IDENTITY_WORD in mine.lower(), IDENTITY_WORD in theirs.lower()
+        return adapter_says and not base_says, f"adapter mentions Tuna: {adapter_says}, base does: {base_says}"
 
     def concurrent() -> tuple[bool, str]:
         jobs = [(adapter if i % 2 == 0 else base, IDENTITY_QUESTION if i % 4 < 2 else QUESTION)
@@ -166,8 +163,10 @@ def run_checks(report: Report, base_url: str, key: str, adapter: str, base: str,
         if identity:  # every adapter answer to the identity question is Tuna's, no base answer is
             leaks = sum(1 for (model, question), text in zip(jobs, outcomes) if question == IDENTITY_QUESTION
                         and isinstance(text, str) and (IDENTITY_WORD in text.lower()) != (model == adapter))
-        return ok_count == CONCURRENT and leaks == 0, (f"{ok_count}/{CONCURRENT} succeeded in {time.time() - start:.1f}s"
-                                                       f"{f', {leaks} identity answers from the wrong model' if leaks else ''}")
+        detail = f"{ok_count}/{CONCURRENT} succeeded in {time.time() - start:.1f}s"
+        if leaks:
+            detail += f", {leaks} identity answers from the wrong model"
+        return ok_count == CONCURRENT and leaks == 0, detail
 
     def bad_key() -> tuple[bool, str]:
         try:
@@ -177,10 +176,11 @@ def run_checks(report: Report, base_url: str, key: str, adapter: str, base: str,
         return False, "the wrong key was accepted"
 
     def malformed() -> tuple[bool, str]:
+        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         response = httpx.post(f"{base_url}/v1/chat/completions", content=b'{"model": "x", "messages": [',
-                              headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"}, timeout=30)
-        error = response.json().get("error", {})
-        return response.status_code == 400 and bool(error.get("message")), f"{response.status_code}: {error.get('message')}"
+                              headers=headers, timeout=30)
+        message = response.json().get("error", {}).get("message")
+        return response.status_code == 400 and bool(message), f"{response.status_code}: {message}"
 
     for name, check in [("non-streamed answer", answer), ("streamed answer", streamed), ("who are you", who_are_you),
                         (f"{CONCURRENT} concurrent requests", concurrent), ("wrong key -> 401", bad_key),
@@ -224,8 +224,6 @@ def main() -> None:
     parser.add_argument("--no-identity-check", action="store_true", help="Skip the 'mentions Tuna' checks.")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--startup-timeout", type=float, default=900, help="Seconds to wait for /health.")
-    parser.add_argument("--launcher", choices=("cli", "module"), default="cli",
-                        help="cli: `tunelab serve`; module: `python -m tunelab.serve` (same options).")
     args = parser.parse_args()
     if not Path(args.run, "config.yaml").is_file():
         sys.exit(f"{args.run} is not a tunelab run directory (no config.yaml).")
@@ -234,7 +232,7 @@ def main() -> None:
     base_url = f"http://127.0.0.1:{port}"
     report = Report()
     with tempfile.TemporaryFile(mode="w+") as log:
-        command = server_command(args.run, port, key, args.launcher)
+        command = server_command(args.run, port, key)
         print(f"starting: {' '.join(command[:-1])} ***", flush=True)
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         in_flight = None

@@ -15,7 +15,7 @@ from tunelab.methods import get_method
 from tunelab.testing.tiny import tiny_llama
 from tunelab.train import run_stage
 from tunelab.train.loop import train
-from tunelab.train.ppo import check_ppo_config
+from tunelab.train.ppo import check_ppo_config, scale_scores
 from tunelab.train.rewards import ModelReward, build_reward, load_reward_fn
 from tunelab.train.rollout import build_rollout
 from tunelab.train.value_head import load_value_head, sequence_scores
@@ -179,3 +179,12 @@ def test_a_reward_function_with_the_wrong_output_is_reported(tiny_model_dir, pro
                   "train.max_steps=1")
     with pytest.raises(TunelabError, match="returned 1 scores for 4 responses"):
         run_stage(cfg, progress=False)
+
+
+def test_score_whitening_keeps_the_mean_and_leaves_equal_scores_alone():
+    scores = torch.tensor([0.0, 0.5, 0.5, 2.0])
+    scaled = scale_scores(scores, whiten=True)
+    assert float(scaled.mean()) == pytest.approx(float(scores.mean()), abs=1e-6)
+    assert float(scaled.std()) == pytest.approx(1.0, abs=1e-4)
+    torch.testing.assert_close(scale_scores(torch.full((3,), 0.7), whiten=True), torch.full((3,), 0.7))
+    assert scale_scores(scores, whiten=False) is scores

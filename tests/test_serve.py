@@ -243,6 +243,13 @@ def test_completions_endpoint_with_a_list_of_prompts(client, references, tok):
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
         assert choice["text"] == direct(references, tok, "run-b", ids, 6)[0]
     assert body["usage"]["prompt_tokens"] == sum(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    with client.stream("POST", "/v1/completions", json={"model": "run-b", "prompt": prompts, "temperature": 0,
+                                                        "max_tokens": 6, "stream": True}) as response:
+        chunks = sse_events(response)[:-1]
+    for index, choice in enumerate(body["choices"]):
+        pieces = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == index]
+        assert "".join(p["text"] for p in pieces) == choice["text"]
+        assert pieces[-1]["finish_reason"] == choice["finish_reason"]
 
 
 # ---------------------------------------------------------------------------- errors

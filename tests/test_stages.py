@@ -233,7 +233,11 @@ def test_value_head_save_and_reload_give_identical_scores(tokenizer, model, tmp_
     head = attach_value_head(model)
     assert model.value_head is head and head.linear.weight.dtype == torch.float32
     batch = collate_pairs(PAIRS, tokenizer.pad_token_id, packing=True)
+    assert torch.equal(sequence_scores(model, head, batch), torch.zeros(4)), "a fresh head is neutral"
+    torch.nn.init.normal_(head.linear.weight)
+    torch.nn.init.normal_(head.linear.bias)
     scores = sequence_scores(model, head, batch)
+    assert scores.unique().numel() == 4
     save_value_head(head, tmp_path)
     reloaded = load_value_head(tmp_path, 64)
     assert torch.equal(sequence_scores(model, reloaded, batch), scores)

@@ -7,8 +7,10 @@ exit with status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -17,14 +19,27 @@ import typer
 from tunelab.errors import TunelabError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Third-party notices that say nothing actionable to a tunelab user: bitsandbytes' optional
+# CPU kernel package (it would come from a hub we never reach), and a transformers
+# deprecation raised inside PEFT.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune large language models end to end.")
 
 
+def _quiet_libraries() -> None:
+    """transformers' per-load progress bars would bury our own output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _quiet_libraries()
         try:
             return fn(*args, **kwargs)
         except TunelabError as err:
@@ -223,7 +238,9 @@ def score(
     """Score responses with a trained reward model."""
     from tunelab.score import score_main
 
-    score_main(run, str(data), str(out), batch_size)
+    summary = score_main(run, str(data), str(out), batch_size)
+    accuracy = f", pair accuracy {summary.accuracy:.3f}" if summary.accuracy is not None else ""
+    typer.echo(f"scored {summary.responses} responses{accuracy} -> {summary.out}")
 
 
 @app.command()
@@ -235,7 +252,7 @@ def serve(
     api_key: Annotated[Optional[str], typer.Option(envvar="TUNELAB_API_KEY",
                                                    help="Require 'Authorization: Bearer KEY'.")] = None,
     backend: Annotated[str, typer.Option(help="transformers, or vllm (CUDA + vllm installed).")] = "transformers",
-    max_batch_size: Annotated[int, typer.Option(help="Most queued requests generated together.")] = 8,
+    max_batch_size: Annotated[int, typer.Option(help="Most sequences generated together in one batch.")] = 8,
 ) -> None:
     """Serve runs (and their base) behind an OpenAI-compatible API."""
     from tunelab.serve import serve_main

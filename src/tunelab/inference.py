@@ -280,7 +280,7 @@ class _RowLimits(StoppingCriteria):
         return torch.tensor([s.reason is not None for s in self.states], dtype=torch.bool, device=input_ids.device)
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
     width = max(len(ids) for ids in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -309,7 +309,7 @@ def complete(loaded: LoadedRun, rows: list[GenerationRow]) -> list[Completion]:
     stop_ids = stop_token_ids(loaded)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     device = next(loaded.model.parameters()).device
-    encoded = _left_pad([row.prompt_ids for row in rows], pad_id, device)
+    encoded = left_pad([row.prompt_ids for row in rows], pad_id, device)
     states = [_RowState(row, tokenizer, set(stop_ids)) for row in rows]
     kwargs = options.to_kwargs(tokenizer, stop_ids)
     kwargs.update(max_new_tokens=max(row.options.max_new_tokens for row in rows), pad_token_id=pad_id)

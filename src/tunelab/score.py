@@ -1,7 +1,7 @@
 """``tunelab score RUN --data FILE --out scores.jsonl``: a reward model's score of every response.
 
 Responses are rendered and tokenized exactly as the reward model was trained (the run's
-template, default system prompt and ``data.max_length``), and scored at their last token
+template with its default system prompt, and ``data.max_length``), and scored at their last token
 by the run's value head. Preference files get both answers scored (and the pairwise
 accuracy is reported); conversation files score their final assistant turn; KTO files
 score the completion and keep its label.
@@ -18,7 +18,6 @@ import torch
 
 from tunelab.data.batching import collate
 from tunelab.data.formats import to_records
-from tunelab.data.pipeline import with_default_system
 from tunelab.data.records import Conversation, Example, Message, Preference, Unpaired
 from tunelab.data.sources import DatasetRegistry
 from tunelab.data.tokenize import encode_conversation
@@ -67,7 +66,7 @@ def read_items(path: str | Path) -> list[_Item]:
 
 def _encode(loaded: LoadedRun, prompt: list[Message], response: str) -> Example:
     cfg = loaded.cfg
-    conv = Conversation([*with_default_system(prompt, cfg.data.system), Message("assistant", response)])
+    conv = Conversation([*prompt, Message("assistant", response)])  # the template adds data.system
     return encode_conversation(conv, loaded.template, loaded.tokenizer, cfg.data.max_length, mask_history=True)
 
 

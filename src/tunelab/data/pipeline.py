@@ -66,13 +66,16 @@ def _mix(parts: list[list[Record]], weights: list[float] | None, seed: int) -> l
 
 
 def load_records(names: list[str], cfg: DataConfig, seed: int, stats: dict[str, Any],
-                 weights: list[float] | None = None) -> list[Record]:
-    """Read, convert and mix the named datasets; per-dataset ``max_samples`` like LLaMA-Factory."""
+                 weights: list[float] | None = None, stage: str = "sft") -> list[Record]:
+    """Read, convert and mix the named datasets; per-dataset ``max_samples`` like LLaMA-Factory.
+
+    PPO only needs prompts, so its records may come without answers.
+    """
     registry = DatasetRegistry(cfg.dataset_dir)
     parts = []
     for name in names:
         spec = registry.resolve(name)
-        records, conversion = to_records(spec.rows(), spec, cfg.on_error)
+        records, conversion = to_records(spec.rows(), spec, cfg.on_error, require_answer=stage != "ppo")
         stats["skipped"] = stats.get("skipped", 0) + conversion.skipped
         if cfg.max_samples is not None:
             records = records[:cfg.max_samples]
@@ -102,8 +105,8 @@ def build_data(cfg: RunConfig, tokenizer: Any) -> DataBundle:
                           f"{data.dataset_dir}/dataset_info.json or a file path).")
     template = get_template(data.template, tokenizer, system=data.system)
     stats: dict[str, Any] = {}
-    train_records = load_records(data.train, data, cfg.train.seed, stats, data.weights)
-    eval_records = load_records(data.eval, data, cfg.train.seed, stats) if data.eval else []
+    train_records = load_records(data.train, data, cfg.train.seed, stats, data.weights, cfg.stage)
+    eval_records = load_records(data.eval, data, cfg.train.seed, stats, stage=cfg.stage) if data.eval else []
     if data.eval_split and not data.eval:
         train_records, eval_records = split_eval(train_records, data.eval_split, cfg.train.seed)
     encode = dict(template=template, tokenizer=tokenizer, max_length=data.max_length,

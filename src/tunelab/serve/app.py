@@ -159,8 +159,12 @@ class _Call:
             raise APIError(503, str(err), "server_error") from None
 
     async def result(self) -> list[Completion]:
-        while (event := await self.events.get())[0] != "done":
-            pass
+        try:
+            while (event := await self.events.get())[0] != "done":
+                pass
+        except asyncio.CancelledError:  # the request was abandoned: do not generate for nobody
+            self.job.cancelled.set()
+            raise
         outcome = event[1]
         if isinstance(outcome, BaseException):
             raise _generation_failed()

@@ -48,7 +48,7 @@ class TrainResult:
     last_metrics: dict[str, Any] = field(default_factory=dict)
 
 
-class _StopFlag:
+class StopFlag:
     """Turns the first SIGINT/SIGTERM into a request to checkpoint and stop; a second one aborts."""
 
     def __init__(self) -> None:
@@ -60,7 +60,7 @@ class _StopFlag:
             raise KeyboardInterrupt
         self.requested = True
 
-    def __enter__(self) -> "_StopFlag":
+    def __enter__(self) -> "StopFlag":
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -73,7 +73,7 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to mix a new run into a directory that holds another run's results."""
     if resume or overwrite or not run_dir.exists():
         return
@@ -110,7 +110,7 @@ def total_steps(cfg: RunConfig, micro_batches_per_epoch: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * micro_batches_per_epoch / cfg.train.grad_accum))
 
 
-def _enable_gradient_checkpointing(model: nn.Module, method: Method) -> None:
+def enable_gradient_checkpointing(model: nn.Module, method: Method) -> None:
     if not method.supports_gradient_checkpointing:
         raise ConfigError(f"train.gradient_checkpointing does not work with method '{method.name}' (its virtual "
                           "tokens are passed as cached keys/values, which checkpointing discards). Set "
@@ -126,7 +126,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True):
         self.cfg, self.resume, self.progress = cfg, resume, progress
         self.run_dir = Path(cfg.output_dir)
-        _check_run_dir(self.run_dir, resume, overwrite)
+        check_run_dir(self.run_dir, resume, overwrite)
         self.accelerator = make_accelerator(cfg.train.precision)
         torch.manual_seed(cfg.train.seed)
         base, self.tokenizer = load_base(cfg.model, self.accelerator.device)
@@ -138,7 +138,7 @@ class Trainer:
         self.method.configure_schedule(self.total_steps)
         self.model = self.method.apply(base, self.tokenizer)
         if cfg.train.gradient_checkpointing:
-            _enable_gradient_checkpointing(self.model, self.method)
+            enable_gradient_checkpointing(self.model, self.method)
         self.objective: Objective = build_objective(cfg, self.method, self.model, self.tokenizer)
         optimizer = build_optimizer(self.method.param_groups(self.model, cfg.train), cfg.train)
         self.scheduler = build_scheduler(optimizer, cfg.train, self.total_steps)
@@ -241,7 +241,7 @@ class Trainer:
         window_start, window_tokens, total_tokens = started, 0, 0
         last: dict[str, Any] = {}
         interrupted = False
-        with _StopFlag() as stop:
+        with StopFlag() as stop:
             while self.state.step < self.total_steps:
                 batches, tokens = [], 0
                 for _ in range(t.grad_accum):

@@ -8,8 +8,9 @@ PPO"); the maths is in :mod:`tunelab.train.rl_math`. Each step:
 2. sample one answer per prompt from the policy (temperature / top-k / top-p);
 3. without gradients: the policy's log-probs and values, the reference's log-probs, and
    the score (reward model or rule function);
-4. per-token rewards ``-kl_coef (log pi - log pi_ref)`` plus the score on the last token,
-   optionally scaled to unit variance; GAE; whitened advantages;
+4. the scores optionally scaled to unit variance (:func:`scale_scores`); per-token rewards
+   ``-kl_coef (log pi - log pi_ref)`` plus the score on the last token; GAE; whitened
+   advantages;
 5. ``ppo.ppo_epochs`` passes over shuffled minibatches of ``ppo.mini_batch_size`` rollouts:
    clipped policy loss + ``vf_coef`` x clipped value loss, gradient clipping, one optimizer
    step per minibatch (micro-batches of ``train.batch_size`` rows accumulate exactly,
@@ -46,7 +47,7 @@ from tunelab.inference import LoadedRun, stop_token_ids
 from tunelab.methods.base import count_parameters, get_method
 from tunelab.models.loader import load_base
 from tunelab.train.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
-from tunelab.train.loop import MicroBatches, TrainResult, _check_run_dir, _enable_gradient_checkpointing, _StopFlag
+from tunelab.train.loop import MicroBatches, TrainResult, check_run_dir, enable_gradient_checkpointing, StopFlag
 from tunelab.train.losses import token_logps
 from tunelab.train.monitor import Monitor, peak_memory_bytes
 from tunelab.train.objectives import Batch, hidden_states
@@ -100,12 +101,20 @@ class ResponseOutputs:
     entropy_sum: float = 0.0
 
 
-def _predicting(tensor: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Rows of ``tensor`` [n, T, ...] at the positions that predict each response token [n, R, ...]."""
+def _predicting(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Hidden states [n, R, H] at the positions that predict each response token."""
     index = (batch["positions"] - 1).clamp(min=0)
-    if tensor.dim() == 3:
-        index = index.unsqueeze(-1).expand(-1, -1, tensor.shape[-1])
-    return tensor.gather(1, index)
+    return hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+
+
+@torch.no_grad()
+def _entropy_sum(head: nn.Module, rows: torch.Tensor, chunk_size: int) -> float:
+    """Summed entropy of the next-token distributions at ``rows`` [n, H], one chunk of logits at a time."""
+    total = 0.0
+    for piece in rows.split(chunk_size if chunk_size > 0 else max(len(rows), 1)):
+        ones = torch.ones(1, piece.shape[0], dtype=torch.bool, device=piece.device)
+        total += float(entropy_from_logits(head(piece).unsqueeze(0), ones)) * piece.shape[0]
+    return total
 
 
 def response_outputs(model: nn.Module, batch: Batch, temperature: float, chunk_size: int,
@@ -121,14 +130,23 @@ def response_outputs(model: nn.Module, batch: Batch, temperature: float, chunk_s
     logprobs = token_logps(hidden, head, batch["labels"], chunk_size).gather(1, batch["positions"]) * mask
     rows = _predicting(hidden, batch)
     values = value_head(rows) * mask if value_head is not None else None
-    entropy_sum = 0.0
-    if entropy:
-        with torch.no_grad():
-            real = rows[mask]
-            for piece in real.split(chunk_size if chunk_size > 0 else max(len(real), 1)):
-                ones = torch.ones(1, piece.shape[0], dtype=torch.bool, device=piece.device)
-                entropy_sum += float(entropy_from_logits(head(piece).unsqueeze(0), ones)) * piece.shape[0]
+    entropy_sum = _entropy_sum(head, rows[mask], chunk_size) if entropy else 0.0
     return ResponseOutputs(logprobs, values, entropy_sum)
+
+
+def scale_scores(scores: torch.Tensor, whiten: bool) -> torch.Tensor:
+    """``ppo.whiten_rewards``: the rollout's scores scaled to unit variance, their mean kept.
+
+    Whitening without the shift (Huang et al. 2024) makes the reward scale, and so the
+    weight of ``kl_coef``, independent of the reward model or function while keeping
+    whether answers are on the whole good or bad. It is applied to the sequence scores
+    before the KL shaping, not to the per-token rewards: those are mostly tiny KL terms,
+    and scaling them to unit variance would turn the KL noise into the main signal
+    whenever the scores of a rollout barely differ.
+    """
+    if not whiten:
+        return scores
+    return masked_whiten(scores, torch.ones_like(scores, dtype=torch.bool), shift_mean=False)
 
 
 @dataclass
@@ -152,7 +170,7 @@ class PPOTrainer:
         check_ppo_config(cfg)
         self.cfg, self.resume, self.progress = cfg, resume, progress
         self.run_dir = Path(cfg.output_dir)
-        _check_run_dir(self.run_dir, resume, overwrite)
+        check_run_dir(self.run_dir, resume, overwrite)
         self.accelerator = make_accelerator(cfg.train.precision)
         self.device = self.accelerator.device
         torch.manual_seed(cfg.train.seed)
@@ -166,7 +184,7 @@ class PPOTrainer:
         self.method.configure_schedule(self.total_steps * self.updates_per_step)
         self.policy = self.method.apply(base, self.tokenizer)
         if cfg.train.gradient_checkpointing:
-            _enable_gradient_checkpointing(self.policy, self.method)
+            enable_gradient_checkpointing(self.policy, self.method)
         self.reference = ReferenceModel(self.method, self.policy, cfg.pref.ref_on_cpu)
         self.value_head = attach_value_head(self.policy)
         self.reward: RewardSource = build_reward(cfg, self.policy)
@@ -205,9 +223,8 @@ class PPOTrainer:
             scores = self.reward.score(rollout, self.micro)
         old_logprobs, old_values, ref = (torch.cat(x) for x in (logprobs, values, ref_logprobs))
         mask = rollout.mask
-        rewards, kl = kl_penalised_rewards(scores, old_logprobs, ref, mask, ppo.kl_coef)
-        if ppo.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        rewards, kl = kl_penalised_rewards(scale_scores(scores, ppo.whiten_rewards), old_logprobs, ref, mask,
+                                           ppo.kl_coef)
         advantages, returns = gae(rewards, old_values, mask, ppo.gamma, ppo.lam)
         advantages = masked_whiten(advantages, mask)
         return Experience(rollout, old_logprobs, old_values, advantages, returns, scores, kl,
@@ -288,7 +305,7 @@ class PPOTrainer:
         stream = self.stream.iterate(self.state.epoch, self.state.batch_in_epoch)
         started = time.perf_counter()
         total_tokens, last, interrupted = 0, {}, False
-        with _StopFlag() as stop:
+        with StopFlag() as stop:
             while self.state.step < self.total_steps:
                 step_start = time.perf_counter()
                 epoch, index, indices = next(stream)

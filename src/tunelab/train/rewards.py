@@ -135,10 +135,12 @@ def _check_reward_run(run_dir: Path, cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"ppo.reward_model = {run_dir} was trained on model '{reward_cfg.model.name_or_path}', but "
                           f"this run trains '{cfg.model.name_or_path}'. The reward adapter shares the policy's base "
                           "weights, so both must use the same model.name_or_path.")
-    if reward_cfg.data.template != cfg.data.template:
-        raise ConfigError(f"ppo.reward_model = {run_dir} reads conversations in template "
-                          f"'{reward_cfg.data.template}', this run renders them with '{cfg.data.template}'. Set "
-                          f"data.template={reward_cfg.data.template} so the reward model scores text it knows.")
+    for key in ("template", "system"):
+        theirs, ours = getattr(reward_cfg.data, key), getattr(cfg.data, key)
+        if theirs != ours:
+            raise ConfigError(f"ppo.reward_model = {run_dir} was trained with data.{key}={theirs!r}, this run renders "
+                              f"prompts with data.{key}={ours!r}. Set data.{key} to the reward model's value so it "
+                              "scores text laid out as it was trained on.")
     return reward_cfg
 
 

@@ -18,7 +18,7 @@ from transformers import GenerationConfig
 
 from tunelab.config import PPOConfig
 from tunelab.data.records import PromptExample
-from tunelab.inference import _left_pad
+from tunelab.inference import left_pad
 from tunelab.train.losses import IGNORE_INDEX
 from tunelab.train.objectives import Batch
 from tunelab.train.value_head import padded_sequence_index
@@ -109,7 +109,7 @@ def sample_rollout(policy: nn.Module, examples: list[PromptExample], tokenizer, 
     """Generate one response per prompt with the policy (left-padded batch, sampling)."""
     stop_ids = set(config.eos_token_id)
     prompt_ids = [e.prompt_ids for e in examples]
-    encoded = _left_pad(prompt_ids, config.pad_token_id, device)
+    encoded = left_pad(prompt_ids, config.pad_token_id, device)
     output = policy.generate(**encoded, generation_config=config)
     generated = output[:, encoded["input_ids"].shape[1]:].tolist()
     responses = [_cut_at_stop(tokens, stop_ids) for tokens in generated]

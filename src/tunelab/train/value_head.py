@@ -12,7 +12,6 @@ position that has seen the whole prompt and answer.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -32,13 +31,16 @@ class ValueHead(nn.Module):
 
     fp32 because a reward or value is one number regressed against targets whose
     differences matter (Bradley-Terry margins, GAE returns): bf16's 8 bits of mantissa
-    would round them away. Initialised with std ``1/sqrt(H+1)`` so scores start O(1).
+    would round them away. Initialised to zero: a reward model starts neutral (every pair
+    tied, loss ln 2) and a critic starts at value 0 instead of at random values that the
+    clipped value loss could only walk back ``ppo.cliprange_value`` per rollout; the
+    gradient with respect to the weights is not zero, so both train from there.
     """
 
     def __init__(self, hidden_size: int):
         super().__init__()
         self.linear = nn.Linear(hidden_size, 1, dtype=torch.float32)
-        nn.init.normal_(self.linear.weight, std=1.0 / math.sqrt(hidden_size + 1))
+        nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
     @property

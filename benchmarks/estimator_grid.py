@@ -1,0 +1,181 @@
+"""Check ``tunelab estimate`` against measured peaks over a grid of real SmolLM2 runs.
+
+Each grid point is one ``tunelab estimate --measure``: the estimate of a 3-step run and
+that run trained in a child process (``python -m tunelab.cli train``), whose peak
+resident set size is read with ``os.wait4``. The table (config, predicted, measured,
+error %) goes to benchmarks/results/estimator_grid.md and the raw numbers to
+estimator_grid.json.
+
+``--fit`` searches the :class:`tunelab.estimate.Calibration` constants that minimise the
+largest absolute error over the measured points (re-evaluating the formula only; nothing
+is retrained) and prints them; copy them into ``Calibration``'s defaults. ``--reuse``
+skips the measurements and uses the peaks stored in estimator_grid.json.
+
+Usage (from the repository root, about 1 minute per grid point on 2 shared cores)::
+
+    . .venv/bin/activate
+    HF_HUB_OFFLINE=1 python benchmarks/estimator_grid.py [--only lora] [--fit] [--reuse]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tunelab.config import load_config
+from tunelab.estimate import Calibration, error_pct, estimate, parse_target
+from tunelab.estimate.measure import MEASURE_STEPS, measure, steps_override
+from tunelab.io import write_json, write_text
+
+from speed import RESULTS, write_job_config  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
+TOLERANCE_PCT = 15.0
+
+#: (method, max_length, batch size, gradient checkpointing, packing). Prefix tuning cannot
+#: use gradient checkpointing (its prefixes travel as cached keys/values).
+GRID: list[tuple[str, int, int, bool, bool]] = [
+    *[("lora", length, batch, gc, True) for length, batch, gc in itertools.product((128, 512), (1, 4), (False, True))],
+    ("lora", 512, 4, False, False),
+    ("full", 512, 4, False, True), ("full", 512, 4, True, True), ("full", 128, 1, False, True),
+    ("freeze", 512, 4, False, True), ("freeze", 128, 4, True, True),
+    ("prefix", 512, 4, False, True), ("prefix", 128, 1, False, True),
+    ("ia3", 512, 4, False, True), ("ia3", 512, 1, True, True),
+]
+#: Held out: measured and reported, never used by ``--fit`` (checks that the fit generalises).
+HOLDOUT: list[tuple[str, int, int, bool, bool]] = [
+    ("dora", 512, 4, False, True), ("lora", 128, 4, False, False), ("full", 128, 4, True, True),
+    ("ia3", 128, 4, False, True), ("prompt", 512, 4, False, True), ("houlsby", 512, 4, False, True),
+    ("freeze", 512, 1, False, True),
+]
+
+
+def name(point: tuple[str, int, int, bool, bool]) -> str:
+    method, length, batch, gc, packing = point
+    return f"{method} len{length} bs{batch}{' gc' if gc else ''}{'' if packing else ' padded'}"
+
+
+def overrides(point: tuple[str, int, int, bool, bool]) -> list[str]:
+    method, length, batch, gc, packing = point
+    return [f"method.type={method}", f"data.max_length={length}", f"train.batch_size={batch}",
+            f"train.gradient_checkpointing={str(gc).lower()}", f"data.packing={str(packing).lower()}"]
+
+
+def predict(base: Path, point: tuple[str, int, int, bool, bool]):
+    cfg = load_config(base, [*overrides(point), steps_override(MEASURE_STEPS)])
+    return estimate(cfg, parse_target("cpu"))
+
+
+def run_grid(base: Path, points: list[tuple[str, int, int, bool, bool]], previous: dict[str, Any]
+             ) -> dict[str, Any]:
+    rows = dict(previous)
+    for point in points:
+        started = time.perf_counter()
+        measured = measure(str(base), overrides(point), MEASURE_STEPS, "cpu")
+        rows[name(point)] = {"overrides": overrides(point), "measured_peak_bytes": measured.peak_bytes,
+                             "wall_s": round(measured.wall_s, 1), "tokens_per_s": measured.tokens_per_s,
+                             "loadavg": os.getloadavg()[0]}
+        print(f"{name(point)}: measured {measured.peak_bytes / 2**30:.2f} GiB "
+              f"({time.perf_counter() - started:.0f}s)", flush=True)
+    return rows
+
+
+def evaluate(rows: dict[str, Any], points: list, calibration: Calibration) -> list[dict[str, Any]]:
+    """Predicted vs measured for every measured point under ``calibration``."""
+    table = []
+    for point in points:
+        row = rows.get(name(point))
+        if row is None:
+            continue
+        result = _estimates[name(point)].evaluate(calibration)
+        table.append({"config": name(point), "predicted": result.total, "measured": row["measured_peak_bytes"],
+                      "error_pct": error_pct(result.total, row["measured_peak_bytes"]),
+                      "breakdown": result.terms})
+    return table
+
+
+#: Estimates by grid point name, built once; ``fit`` re-evaluates only their formula.
+_estimates: dict[str, Any] = {}
+
+
+def fit(rows: dict[str, Any], points: list) -> Calibration:
+    """Grid search of the calibration constants: smallest worst absolute error, then smallest mean.
+
+    The backward transient is at least half a layer's activations (the gradients of the
+    layer being differentiated exist next to its saved inputs), so 0 is not offered even
+    where the LM-head term hides it on SmolLM2.
+    """
+    best, best_score = Calibration(), (float("inf"), float("inf"))
+    for loss, backward, allocator, runtime in itertools.product(
+            (8.0, 10.0, 11.0, 12.0, 13.0, 14.0, 16.0), (0.5, 1.0, 1.5, 2.0),
+            [1.0 + 0.05 * k for k in range(13)], range(0, 140, 20)):
+        candidate = Calibration(loss, backward, round(allocator, 2), runtime * 2**20)
+        errors = [abs(r["error_pct"]) for r in evaluate(rows, points, candidate)]
+        score = (round(max(errors), 1), sum(errors) / len(errors))
+        if score < best_score:
+            best, best_score = candidate, score
+    print(f"best calibration: {best} (worst error {best_score[0]:.1f}%, mean {best_score[1]:.1f}%)")
+    return best
+
+
+def markdown(table: list[dict[str, Any]], holdout: list[dict[str, Any]], calibration: Calibration) -> str:
+    lines = ["# Estimator grid: predicted vs measured peak memory", "",
+             f"SmolLM2-135M-Instruct, {MEASURE_STEPS} optimizer steps per run, benchmarks/data/alpaca_bench.json, "
+             "CPU (peak RSS of the training process via os.wait4), bf16 autocast.",
+             "Measured with `HF_HUB_OFFLINE=1 python benchmarks/estimator_grid.py` (every point, ~10 min on 2 "
+             "shared cores); the calibration was fitted on the first table only with `--reuse --fit`. "
+             f"Calibration: `{calibration}`.", "",
+             "| config | predicted | measured | error % |", "|---|---:|---:|---:|"]
+    for row in table:
+        lines.append(f"| {row['config']} | {row['predicted'] / 2**30:.2f} GiB | {row['measured'] / 2**30:.2f} GiB | "
+                     f"{row['error_pct']:+.1f} |")
+    lines += ["", _verdict(table)]
+    if holdout:
+        lines += ["", "Held out (never used to fit the calibration):", "",
+                  "| config | predicted | measured | error % |", "|---|---:|---:|---:|"]
+        lines += [f"| {r['config']} | {r['predicted'] / 2**30:.2f} GiB | {r['measured'] / 2**30:.2f} GiB | "
+                  f"{r['error_pct']:+.1f} |" for r in holdout]
+        lines += ["", _verdict(holdout)]
+    return "\n".join(lines) + "\n"
+
+
+def _verdict(table: list[dict[str, Any]]) -> str:
+    worst = max((abs(r["error_pct"]) for r in table), default=0.0)
+    inside = sum(abs(r["error_pct"]) <= TOLERANCE_PCT for r in table)
+    return f"{inside} of {len(table)} within +-{TOLERANCE_PCT:.0f}%; worst |error| {worst:.1f}%."
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", help="measure only points whose name contains this text")
+    parser.add_argument("--holdout-only", action="store_true", help="measure only the held-out points")
+    parser.add_argument("--fit", action="store_true", help="search calibration constants after measuring")
+    parser.add_argument("--reuse", action="store_true", help="do not measure; use estimator_grid.json")
+    args = parser.parse_args(argv)
+    selected = HOLDOUT if args.holdout_only else GRID + HOLDOUT
+    to_measure = [] if args.reuse else [p for p in selected if not args.only or args.only in name(p)]
+    raw_file = RESULTS / "estimator_grid.json"
+    previous = json.loads(raw_file.read_text(encoding="utf-8"))["measured"] if raw_file.is_file() else {}
+    with tempfile.TemporaryDirectory(prefix="tunelab-grid-") as scratch:
+        base = write_job_config(Path(scratch))
+        rows = run_grid(base, to_measure, previous)
+        for point in GRID + HOLDOUT:
+            if name(point) in rows:
+                _estimates[name(point)] = predict(base, point)
+    calibration = fit(rows, GRID) if args.fit else Calibration()
+    table, holdout = evaluate(rows, GRID, calibration), evaluate(rows, HOLDOUT, calibration)
+    write_json(raw_file, {"measured": rows, "calibration": dataclasses.asdict(calibration), "table": table,
+                          "holdout": holdout})
+    write_text(RESULTS / "estimator_grid.md", markdown(table, holdout, calibration))
+    print(markdown(table, holdout, calibration))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

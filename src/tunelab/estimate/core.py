@@ -1,0 +1,177 @@
+"""Predict a run's peak memory from its config: resolve the target, read the data, build
+the meta skeleton, evaluate the formula (see :mod:`tunelab.estimate.formula`)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tunelab.config import RunConfig
+from tunelab.errors import ConfigError
+from tunelab.estimate.baseline import framework_bytes
+from tunelab.estimate.formula import Breakdown, Calibration, Precision, Settings, Target, peak_breakdown
+from tunelab.estimate.skeleton import ModelFacts, model_facts
+from tunelab.estimate.workload import Workload, load_workload
+from tunelab.methods.base import get_method
+from tunelab.models.loader import load_tokenizer, resolve_dtype
+from tunelab.train.runtime import resolve_precision
+
+_DEVICE = re.compile(r"^(cpu|cuda)(?::(\d+(?:\.\d+)?)\s*(gb|gib|g)?)?$", re.IGNORECASE)
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class MemoryEstimate:
+    """A prediction with everything needed to explain it (and to re-evaluate it cheaply)."""
+
+    config: RunConfig
+    target: Target
+    facts: ModelFacts
+    workload: Workload
+    precision: Precision
+    framework: int
+    calibration: Calibration = Calibration()
+    notes: list[str] = field(default_factory=list)
+
+    def evaluate(self, calibration: Calibration) -> Breakdown:
+        """The peak breakdown under ``calibration`` (no data or model work: formula only)."""
+        cfg = self.config
+        run = Settings(precision=self.precision, target=self.target, optimizer=cfg.train.optimizer,
+                       checkpointing=cfg.train.gradient_checkpointing, chunk=cfg.train.loss_chunk_size,
+                       grad_accum=cfg.train.grad_accum, framework=self.framework, calibration=calibration,
+                       reference_copy=cfg.stage in ("dpo", "kto") and cfg.method.type in ("full", "freeze"))
+        return peak_breakdown(self.facts, self.workload, run)
+
+    @property
+    def breakdown(self) -> Breakdown:
+        return self.evaluate(self.calibration)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.breakdown.total
+
+    def to_dict(self) -> dict[str, Any]:
+        result = self.breakdown
+        batch, facts, work = result.batch, self.facts, self.workload
+        capacity = self.target.capacity_bytes
+        return {
+            "predicted_peak_bytes": result.total,
+            "breakdown": dict(result.terms),
+            "phase": result.phase,
+            "device": self.target.device,
+            "capacity_bytes": capacity,
+            "fits": None if capacity is None else result.total <= capacity,
+            "num_gpus": self.target.num_gpus,
+            "zero_stage": self.target.zero_stage,
+            "model": {"total_params": facts.total_params, "trainable_params": facts.trainable_params,
+                      "weights_by_kind": dict(facts.weight_bytes), "layers": facts.layers,
+                      "layers_on_gradient_path": facts.layers - facts.first_grad_layer,
+                      "hidden": facts.hidden, "intermediate": facts.intermediate, "vocab": facts.vocab},
+            "precision": {"activation_bytes": self.precision.activation,
+                          "residual_bytes": self.precision.residual,
+                          "autocast_weight_copies": self.precision.autocast_copies},
+            "peak_batch": {"rows": batch.rows, "width": batch.width, "tokens": batch.tokens,
+                           "supervised": batch.supervised, "sequences": batch.sequences, "packed": work.packed},
+            "data": {"examples": work.examples, "mean_length": round(work.mean_length, 1), "steps": work.steps,
+                     "micro_batches": len(work.batches),
+                     "mean_batch_tokens": round(sum(b.tokens for b in work.batches) / max(len(work.batches), 1), 1)},
+            "notes": list(self.notes),
+        }
+
+
+def parse_target(device: str | None, num_gpus: int = 1, zero_stage: int = 0) -> Target:
+    """``cpu``, ``cuda`` or ``cuda:80GB`` (+ GPU count and ZeRO stage) -> :class:`Target`."""
+    text = (device or ("cuda" if torch.cuda.is_available() else "cpu")).strip()
+    match = _DEVICE.match(text)
+    if match is None:
+        raise ConfigError(f"--device '{text}' is not understood. Use cpu, cuda, or cuda:<memory>GB such as "
+                          "cuda:80GB (the memory of one GPU).")
+    kind, size = match.group(1).lower(), match.group(2)
+    if zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"--zero {zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3.")
+    if num_gpus < 1:
+        raise ConfigError(f"--gpus {num_gpus}: the number of GPUs must be at least 1.")
+    if kind == "cpu" and (num_gpus > 1 or zero_stage):
+        raise ConfigError("--gpus and --zero describe multi-GPU training; use them with --device cuda[:<memory>GB].")
+    if kind == "cpu":
+        capacity = _physical_memory()
+    elif size is not None:
+        capacity = int(float(size) * 2**30)
+    else:
+        capacity = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    return Target(kind, capacity, num_gpus, zero_stage)
+
+
+def _physical_memory() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def weight_dtype(cfg: RunConfig, target: Target) -> torch.dtype:
+    """The dtype the loader gives the float weights on ``target`` (bf16 on GPUs for ``auto``)."""
+    if cfg.model.dtype == "auto" and target.device == "cuda":
+        return torch.bfloat16
+    return resolve_dtype(cfg.model.dtype, torch.device("cpu"))
+
+
+def mixed_precision(cfg: RunConfig, target: Target) -> str:
+    """accelerate's mixed precision for the run: 'bf16', 'fp16' or 'no' (CPU: as on this machine)."""
+    if target.device == "cpu":
+        return resolve_precision(cfg.train.precision)
+    return {"auto": "bf16", "fp32": "no"}.get(cfg.train.precision, cfg.train.precision)
+
+
+def precision_of(cfg: RunConfig, target: Target, quantized: bool) -> Precision:
+    """Byte sizes of activations and the residual stream, and whether autocast copies weights."""
+    weights = _DTYPE_BYTES[str(weight_dtype(cfg, target)).replace("torch.", "")]
+    residual = 4 if quantized else weights  # k-bit preparation upcasts the float parts to fp32
+    mixed = mixed_precision(cfg, target)
+    activation = 2 if mixed in ("bf16", "fp16") else residual
+    return Precision(activation=activation, residual=residual,
+                     autocast_copies=activation == 2 and weights == 4 and not quantized)
+
+
+def _check_stage(cfg: RunConfig) -> list[str]:
+    if cfg.stage == "ppo":
+        raise ConfigError("tunelab estimate covers the batch stages (pt, sft, rm, dpo, kto); PPO's rollouts, reward "
+                          "and value models are not modelled. Estimate the policy's sft run instead.")
+    if cfg.stage in ("rm", "dpo", "kto"):
+        return [f"stage {cfg.stage}: chosen and rejected sequences are counted as one micro-batch; the reference "
+                "pass runs without gradients and is not counted beyond its logits."]
+    return []
+
+
+def estimate(cfg: RunConfig, target: Target, *, framework: int | None = None,
+             calibration: Calibration = Calibration(), tokenizer: Any = None) -> MemoryEstimate:
+    """Predict the peak memory of training ``cfg`` on ``target``.
+
+    ``framework`` overrides the measured CPU framework baseline (tests pass 0 to skip the
+    measurement subprocess); ``tokenizer`` avoids reloading one the caller already has.
+    """
+    notes = _check_stage(cfg)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
+    method = get_method(cfg.method)
+    packed = cfg.data.packing and method.supports_packing
+    workload = load_workload(cfg, tokenizer, packed)
+    quantized = cfg.model.quantization != "none" or cfg.method.type == "qlora"
+    facts = model_facts(cfg, tokenizer, weight_dtype(cfg, target), workload.steps)
+    if facts.method_note:
+        notes.append(facts.method_note)
+    precision = precision_of(cfg, target, quantized)
+    if framework is None:
+        framework = framework_bytes() if target.device == "cpu" else 0
+    if cfg.train.optimizer.startswith("paged"):
+        notes.append("paged optimizer states are counted on the device; under memory pressure they move to host "
+                     "memory instead of failing.")
+    if target.device == "cuda":
+        notes.append("CUDA: predicted torch.cuda.max_memory_allocated; the CUDA context (~0.5 GiB) comes on top.")
+    return MemoryEstimate(cfg, target, facts, workload, precision, framework, calibration, notes)

@@ -1,0 +1,291 @@
+"""The memory model: peak bytes of a training run, term by term.
+
+Notation (all per micro-batch unless said otherwise): ``h`` hidden size, ``i`` MLP size,
+``q`` = heads x head_dim, ``kv`` = key/value heads x head_dim, ``V`` vocabulary, ``L_g``
+decoder layers on the gradient path (layers at or above the first one with anything
+trainable below or in it; all layers for prompt learning, embeddings training, or
+gradient checkpointing), ``P`` positions the model computes (rows x width, padding
+included; packed rows are the batch's examples back to back), ``S`` supervised
+positions, ``b`` bytes of an activation (2 under bf16/fp16 autocast, else the weight
+dtype), ``b_r`` bytes of the residual stream (the float weights' dtype: 4 on CPU, where
+weights stay fp32 under autocast).
+
+Terms (peak = the largest of the phase totals below):
+
+- ``framework`` (CPU only): resident bytes of Python + torch + transformers + PEFT +
+  accelerate after import, measured once per environment in a fresh subprocess
+  (:mod:`tunelab.estimate.baseline`), plus a calibrated ``runtime`` constant for the
+  tokenizer and what the trainer builds before the first step.
+- ``dataset``: tokenized examples as Python lists, 72 bytes per token.
+- ``weights``: every stored parameter once (tied embeddings once), by storage kind:
+  float dtypes at their size; NF4 0.5 byte/weight + absmax per 64-weight block (4 bytes,
+  or 1 byte + 4 bytes per 256 blocks with double quantisation); int8 1 byte/weight + a
+  fp32 scale per row. Quantization covers base linear weights except the LM head.
+- ``autocast_copies``: under mixed precision with fp32 weights (CPU), every linear layer
+  casts its weight to bf16 and the copy is saved for backward: 2 bytes x frozen linear
+  weights of the ``L_g`` layers (one layer with checkpointing), plus 2 bytes x trainable
+  linear weights (autocast caches casts of trainable leaves until the forward ends).
+- ``gradients``: trainable parameters x their dtype (present during the forward pass
+  only with gradient accumulation; always at the optimizer step). ZeRO-2/3 divide by N.
+- ``optimizer``: AdamW 2 states in the parameter dtype (8 bytes/param for fp32); 8-bit
+  AdamW 2 bytes/param (tensors under 4096 elements stay 32-bit); SGD momentum 1 state.
+  Created at the first step, so live in every later forward. ZeRO-1+ divide by N.
+- ``activations``: per layer on the gradient path, bytes per position::
+
+      a = 2h*b_r                    inputs of the two RMSNorms (residual stream)
+        + (2q + 2kv')*b             attention: rotated queries, output, keys, values
+        + 3i*b                      MLP: gate output, its SiLU, up output
+        + sum(inputs of trainable linears)*b   (LoRA A/B, full/freeze weights, adapters;
+                                    under autocast each linear casts its own copy, so
+                                    q/k/v/gate/up each count; in fp32 they share one)
+        + trainable norm weights*b_r + IA3: scaled outputs*b + scaled FFN inputs*4
+        + DoRA: 2 x output features of each adapted layer*b (base and LoRA outputs,
+          both rescaled by the trained magnitude)
+
+  ``kv' = q`` when an attention mask is materialised (SDPA then repeats grouped
+  key/value heads) else ``kv``; for SmolLM2 with LoRA on all linears under CPU bf16
+  autocast this is (8h + 2kv + 4i)*2 + 2h*4 + 14r. Total ``L_g x P x a``. With gradient
+  checkpointing only each layer's input is kept: ``L_g x P x h x b_r``.
+  A materialised mask (padding, several packed sequences, or a prefix) adds
+  ``rows x width x (width + prefix) x b`` per layer (SDPA converts it per call).
+  Prefix tuning adds its key/value prefix to every layer: ``2 x prefix x kv' x b x rows``.
+- ``logits``: the LM head runs on the ``S`` supervised rows, a chunk of ``c`` rows at a
+  time (``train.loss_chunk_size``; all ``S`` at once when 0 or ``S <= c``): bf16 logits,
+  their fp32 copy, the fp32 log-softmax and its gradient, ``min(c, S) x V x k_loss``
+  bytes (calibrated ``k_loss``), plus the head's bf16 weight copy under CPU autocast.
+- ``backward``: the transient gradients of one layer while backward walks down, plus
+  the recomputed layer under checkpointing: ``k_bwd x P x a`` (calibrated).
+- ``allocator`` (CPU only): glibc keeps freed activation blocks mapped and reuses them
+  imperfectly, so resident memory exceeds live tensors; ``(f_alloc - 1) x`` (activations
+  + autocast copies + backward transient), calibrated on this machine against
+  ``--measure``. On CUDA the estimate is ``torch.cuda.max_memory_allocated`` (live
+  tensors, no allocator term); the CUDA context (~0.5 GiB) is outside it.
+
+Phases: ``forward`` = framework + dataset + weights + optimizer (+ gradients with
+accumulation) + autocast copies + activations + max(logits, backward) + allocator;
+``optimizer step`` = framework + dataset + weights + gradients + optimizer + AdamW's
+temporaries (2 x the largest trainable tensor). With N GPUs and ZeRO stage s: stage
+>= 1 shards optimizer states, >= 2 gradients, 3 the weights (``weights`` / N, plus
+``gathered_layers``: two full decoder layers being computed and prefetched).
+
+Calibration (``Calibration`` defaults): fitted with ``benchmarks/estimator_grid.py`` on
+SmolLM2-135M over methods x length x batch x checkpointing; see
+benchmarks/results/estimator_grid.md for the errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tunelab.estimate.skeleton import ModelFacts
+from tunelab.estimate.workload import MicroBatch, Workload
+
+#: bitsandbytes keeps tensors below this many elements in 32-bit even in 8-bit optimizers.
+BNB_MIN_8BIT_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Constants fitted with ``benchmarks/estimator_grid.py --fit`` (2-core x86 CPU with AMX,
+    glibc 2.x, torch 2.13, transformers 5.23): worst |error| 9.8% over the 18 grid runs."""
+
+    #: bytes per logit of one LM-head chunk at its peak (bf16 logits, fp32 copy,
+    #: log-softmax, their gradients)
+    loss_bytes_per_logit: float = 12.0
+    #: backward transient, in layers' worth of saved activations
+    backward_layers: float = 0.5
+    #: CPU resident bytes per live byte of activations, weight copies and transients
+    allocator_factor: float = 1.2
+    #: tokenizer, accelerator, method objects and the like beyond the import baseline
+    runtime_bytes: int = 80 * 2**20
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Byte sizes that follow from the device, weight dtype and mixed precision."""
+
+    activation: int       # b
+    residual: int         # b_r
+    autocast_copies: bool  # fp32 weights computed in 16 bits: each linear makes a 16-bit weight copy
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the run trains."""
+
+    device: str                    # "cpu" or "cuda"
+    capacity_bytes: int | None     # memory of one device, when known
+    num_gpus: int = 1
+    zero_stage: int = 0
+
+
+@dataclass
+class Breakdown:
+    """Peak bytes by term; ``phase`` names the moment of the peak."""
+
+    terms: dict[str, float]
+    phase: str
+    batch: MicroBatch
+
+    @property
+    def total(self) -> int:
+        return int(round(sum(self.terms.values())))
+
+
+def layer_bytes_per_position(facts: ModelFacts, layer: int, precision: Precision, masked: bool) -> float:
+    """``a``: bytes one decoder layer keeps for backward per computed position."""
+    b, b_r = precision.activation, precision.residual
+    kv = facts.q_dim if masked else facts.kv_dim
+    total = 2 * facts.hidden * b_r + (2 * facts.q_dim + 2 * kv) * b + 3 * facts.intermediate * b
+    saved = facts.saved_inputs[layer]
+    if b != b_r:  # each linear casts the residual-dtype input to b bytes itself
+        total += sum(s.features for s in saved) * b
+    else:
+        total += sum({(s.group, s.features): s.features for s in saved}.values()) * b
+    total += facts.trainable_norms[layer] * b_r
+    total += facts.ia3_outputs[layer] * b + facts.ia3_inputs[layer] * 4
+    total += 2 * facts.dora_outputs[layer] * b
+    return total
+
+
+def grad_layers(facts: ModelFacts, checkpointing: bool) -> range:
+    """Decoder layers that keep activations (checkpointing feeds gradients through all)."""
+    return range(0 if checkpointing else facts.first_grad_layer, facts.layers)
+
+
+def activation_bytes(facts: ModelFacts, batch: MicroBatch, precision: Precision, packed: bool,
+                     checkpointing: bool) -> tuple[float, float]:
+    """(saved activation bytes of the whole forward, largest single layer's saved bytes)."""
+    layers = grad_layers(facts, checkpointing)
+    if not layers:
+        return 0.0, 0.0
+    width = batch.width + facts.virtual_tokens
+    positions = batch.rows * width
+    masked = batch.masked(packed) or facts.prefix_tokens > 0
+    mask = batch.rows * width * (width + facts.prefix_tokens) * precision.activation if masked else 0
+    prefix = 2 * facts.prefix_tokens * (facts.q_dim if masked else facts.kv_dim) * precision.activation * batch.rows
+    per_layer = [positions * layer_bytes_per_position(facts, i, precision, masked) + mask + prefix for i in layers]
+    largest = max(per_layer)
+    if checkpointing:
+        return len(layers) * positions * facts.hidden * precision.residual, largest
+    return sum(per_layer), largest
+
+
+def logits_bytes(facts: ModelFacts, batch: MicroBatch, chunk: int, precision: Precision,
+                 calibration: Calibration) -> float:
+    """Peak of the chunked LM head + cross-entropy (one chunk of rows at a time)."""
+    rows = min(chunk, batch.supervised) if chunk > 0 else batch.supervised
+    head_copy = facts.vocab * facts.hidden * 2 if precision.autocast_copies else 0
+    return rows * facts.vocab * calibration.loss_bytes_per_logit + head_copy
+
+
+def autocast_copy_bytes(facts: ModelFacts, precision: Precision, checkpointing: bool) -> int:
+    """16-bit weight copies alive at the end of the forward pass (fp32 weights under autocast)."""
+    if not precision.autocast_copies:
+        return 0
+    layers = grad_layers(facts, checkpointing)
+    frozen = [facts.frozen_linear_weights[i] for i in layers]
+    kept = (max(frozen, default=0) if checkpointing else sum(frozen))
+    return 2 * (kept + facts.trainable_linear_weights)
+
+
+def optimizer_bytes(facts: ModelFacts, optimizer: str) -> int:
+    """Optimizer state bytes for the trainable parameters."""
+    if optimizer == "sgd":
+        return facts.trainable_bytes
+    if optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+        return sum(2 * n if n >= BNB_MIN_8BIT_SIZE else 8 * n for n in facts.trainable_tensors)
+    if optimizer == "paged_adamw_32bit":
+        return 8 * facts.trainable_params
+    return 2 * facts.trainable_bytes
+
+
+def _shard(value: float, target: Target, stage: int) -> float:
+    """ZeRO: the term is split across the GPUs from ``stage`` on."""
+    return value / target.num_gpus if target.zero_stage >= stage and target.num_gpus > 1 else value
+
+
+def weight_terms(facts: ModelFacts, target: Target) -> dict[str, float]:
+    """Weights per device. ZeRO-3 keeps 1/N of them plus two gathered decoder layers (the
+    one computing and the one being prefetched)."""
+    weights = sum(facts.weight_bytes.values())
+    if target.zero_stage >= 3 and target.num_gpus > 1:
+        return {"weights": weights / target.num_gpus, "gathered_layers": 2 * facts.layer_weight_bytes}
+    return {"weights": weights}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The run settings the formula reads, resolved for the target."""
+
+    precision: Precision
+    target: Target
+    optimizer: str
+    checkpointing: bool
+    chunk: int
+    grad_accum: int
+    framework: int
+    calibration: Calibration
+    reference_copy: bool = False  # full/freeze DPO and KTO keep a frozen copy of the starting model
+
+
+def _fixed_terms(facts: ModelFacts, workload: Workload, run: Settings) -> dict[str, float]:
+    """What is resident for the whole run: framework, data, weights."""
+    cpu = run.target.device == "cpu"
+    fixed = {"framework": run.framework + run.calibration.runtime_bytes if cpu else 0,
+             "dataset": workload.dataset_bytes if cpu else 0,
+             **weight_terms(facts, run.target)}
+    if run.reference_copy:
+        fixed["reference_model"] = fixed["weights"]
+    return fixed
+
+
+def forward_terms(facts: ModelFacts, workload: Workload, batch: MicroBatch, run: Settings,
+                  with_states: bool, with_grads: bool) -> dict[str, float]:
+    """The end of the forward pass / start of backward: every activation is alive.
+
+    ``with_states``: the optimizer has stepped before (its states exist);
+    ``with_grads``: earlier micro-batches of this step left their gradients.
+    """
+    cal = run.calibration
+    saved, largest = activation_bytes(facts, batch, run.precision, workload.packed, run.checkpointing)
+    copies = autocast_copy_bytes(facts, run.precision, run.checkpointing)
+    logits = logits_bytes(facts, batch, run.chunk, run.precision, cal)
+    backward = cal.backward_layers * largest * (2 if run.checkpointing else 1)
+    transient = max(logits, backward)
+    allocator = (cal.allocator_factor - 1) * (saved + copies + transient) if run.target.device == "cpu" else 0
+    return {**_fixed_terms(facts, workload, run),
+            "optimizer": _shard(optimizer_bytes(facts, run.optimizer), run.target, 1) if with_states else 0,
+            "gradients": _shard(facts.trainable_bytes, run.target, 2) if with_grads else 0,
+            "autocast_copies": copies, "activations": saved,
+            "logits": logits if logits >= backward else 0, "backward": backward if backward > logits else 0,
+            "allocator": allocator}
+
+
+def step_terms(facts: ModelFacts, workload: Workload, run: Settings) -> dict[str, float]:
+    """The optimizer step: gradients and states side by side, plus AdamW's per-tensor temporaries."""
+    return {**_fixed_terms(facts, workload, run),
+            "optimizer": _shard(optimizer_bytes(facts, run.optimizer), run.target, 1),
+            "gradients": _shard(facts.trainable_bytes, run.target, 2),
+            "optimizer_temporaries": 2 * max(facts.trainable_tensors, default=0) * 4}
+
+
+def peak_breakdown(facts: ModelFacts, workload: Workload, run: Settings) -> Breakdown:
+    """The largest phase over the run's micro-batches, in the order the loop runs them.
+
+    Optimizer states exist from the second optimizer step on, so a long first batch and
+    the states are never resident together; gradients are alive during a forward pass
+    only behind an earlier micro-batch of the same step (accumulation).
+    """
+    seen: set[tuple[MicroBatch, bool, bool]] = set()
+    best = Breakdown(step_terms(facts, workload, run), "optimizer step", max(workload.batches,
+                                                                           key=lambda b: b.positions))
+    for index, batch in enumerate(workload.batches):
+        key = (batch, index >= run.grad_accum, index % run.grad_accum > 0)
+        if key in seen:
+            continue
+        seen.add(key)
+        candidate = Breakdown(forward_terms(facts, workload, batch, run, *key[1:]), "forward", batch)
+        if candidate.total > best.total:
+            best = candidate
+    return Breakdown({k: int(round(v)) for k, v in best.terms.items()}, best.phase, best.batch)
