@@ -89,10 +89,17 @@ def test_export_refuses_prompt_methods_with_reason(tiny_model_dir, tmp_path):
     assert not (tmp_path / "merged").exists()
 
 
-def test_chat_prompt_answers_once(trained_run):
-    result = run_cli("chat", trained_run, "--prompt", "Who are you?", "--max-new-tokens", "4")
+def test_chat_prompt_streams_the_greedy_answer(trained_run):
+    from tunelab.inference import GenerationOptions, generate
+
+    loaded = load_run(trained_run, device=torch.device("cpu"))
+    expected = generate(loaded, [[Message("user", "Who are you?")]], GenerationOptions(
+        max_new_tokens=12, temperature=0, repetition_penalty=5.0))[0]
+    assert expected.strip(), "the tiny model should say something for this comparison to mean anything"
+    result = run_cli("chat", trained_run, "--prompt", "Who are you?", "--max-new-tokens", "12",
+                     "--repetition-penalty", "5")
     assert result.exit_code == 0, result.output
-    assert len(result.output.strip().splitlines()) >= 1
+    assert result.output.strip() == expected.strip()
 
 
 def test_chat_uses_the_training_render(trained_run):
