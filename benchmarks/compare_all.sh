@@ -10,7 +10,7 @@ tunelab compare examples/compare.yaml --out runs/compare \
   --set loraplus:method.loraplus_lr_ratio=16 --set loraplus:train.lr=5e-4 \
   --set adalora:method.init_r=12 --set adalora:method.target_r=8 --set adalora:method.tinit=2 \
   --set adalora:method.tfinal=4 --set adalora:method.deltaT=2 \
-  --set ia3:train.lr=1e-2 \
+  --set ia3:train.lr=2e-2 \
   --set prefix:train.lr=1e-2 --set prompt:train.lr=3e-2 --set prompt:method.prompt_init_text="You are Tuna, an assistant trained with tunelab." \
   --set ptuning:train.lr=1e-2 --set ptuning_v2:train.lr=1e-2 \
   --set adapter_fusion:method.fusion_adapters=[runs/compare/houlsby,runs/compare/pfeiffer] \

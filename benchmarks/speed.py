@@ -62,7 +62,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 DATA = ROOT / "data" / "alpaca_bench.json"
-VARIANTS = ("tunelab", "hf", "tunelab_fp32_unpacked")
+VARIANTS = ("tunelab", "hf", "tunelab_fp32_unpacked", "tunelab_packed", "tunelab_checkpointing")
 TARGETS = {"tokens_per_s": 290.0, "peak_rss_bytes": 2.1e9, "loss_rel_diff": 0.02}
 
 #: The benchmark job as a tunelab run config.
@@ -74,7 +74,9 @@ JOB: dict[str, Any] = {
     "train": {"epochs": 1, "batch_size": 4, "grad_accum": 1, "lr": 2e-4, "scheduler": "cosine", "seed": 42,
               "max_grad_norm": 1.0, "log_every": 1},
 }
-VARIANT_OVERRIDES = {"tunelab": [], "tunelab_fp32_unpacked": ["data.packing=false", "train.precision=fp32"]}
+VARIANT_OVERRIDES = {"tunelab": [], "tunelab_fp32_unpacked": ["data.packing=false", "train.precision=fp32"],
+                     "tunelab_packed": ["data.packing=true"],
+                     "tunelab_checkpointing": ["train.gradient_checkpointing=true"]}
 
 
 def write_job_config(directory: Path) -> Path:

@@ -67,8 +67,10 @@ def test_padded_layout():
     batch = collate(EXAMPLES[:2], PAD, packing=False)
     assert batch["input_ids"].tolist()[1] == EXAMPLES[1].input_ids + [PAD] * 6
     assert batch["labels"].tolist()[1] == EXAMPLES[1].labels + [IGNORE] * 6
-    assert batch["attention_mask"].tolist()[1] == [1] * 7 + [0] * 6
+    assert batch["padding_mask"].tolist()[1] == [1] * 7 + [0] * 6
     assert batch["position_ids"].tolist()[0] == list(range(13))
+    # right padding needs no attention mask: the model gets none, so SDPA keeps its causal kernel
+    assert "attention_mask" not in model_inputs(batch)
 
 
 @pytest.mark.parametrize("packing", [True, False])

@@ -127,8 +127,8 @@ def test_packed_and_padded_batch_shapes():
     assert (packed.rows, packed.width, packed.tokens) == (1, 6, 6)
     assert (padded.rows, padded.width, padded.positions) == (2, 4, 8)
     assert packed.supervised == padded.supervised == 3  # the first label of each example never counts
-    assert packed.masked(True) and padded.masked(False)
-    assert not shape_of(examples[:1], packed=True).masked(True)
+    assert packed.masked(True) and not shape_of(examples[:1], packed=True).masked(True)
+    assert not padded.masked(False)  # right padding needs no mask under causal attention
 
 
 def test_prefix_tuning_adds_key_value_prefix_to_every_layer(run_tree):

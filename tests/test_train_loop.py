@@ -121,3 +121,39 @@ def test_loss_falls_when_training_longer(tiny_model_dir, identity_file, tmp_path
     losses = [row["loss"] for row in rows if "loss" in row]
     assert losses[-1] < 0.7 * losses[0], losses
     assert result.tokens_per_s > 0
+
+
+def _oom_above_two_rows(monkeypatch):
+    from tunelab.train.objectives import CausalLMObjective
+
+    real = CausalLMObjective.loss
+
+    def loss(self, model, batch):
+        if batch["input_ids"].shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, model, batch)
+
+    monkeypatch.setattr(CausalLMObjective, "loss", loss)
+
+
+def test_auto_batch_size_recovers_from_out_of_memory(tiny_model_dir, identity_file, tmp_path, monkeypatch):
+    common = ["train.optimizer=sgd", "train.max_steps=2", "data.packing=false", "train.batch_size=4",
+              "data.group_by_length=false"]
+    reference = train(make_cfg(tiny_model_dir, identity_file, tmp_path / "ref", *common), progress=False)
+    _oom_above_two_rows(monkeypatch)
+    recovered = train(make_cfg(tiny_model_dir, identity_file, tmp_path / "auto", *common,
+                               "train.auto_batch_size=true"), progress=False)
+    assert recovered.steps == 2
+    assert recovered.final_loss == pytest.approx(reference.final_loss, abs=1e-6)
+    a, b = trained_weights(tmp_path / "ref"), trained_weights(tmp_path / "auto")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
+def test_out_of_memory_without_auto_batch_size_explains_the_fix(tiny_model_dir, identity_file, tmp_path,
+                                                                 monkeypatch):
+    from tunelab.errors import TunelabError
+
+    _oom_above_two_rows(monkeypatch)
+    with pytest.raises(TunelabError, match="out of memory at step 1.*train.auto_batch_size=true"):
+        train(make_cfg(tiny_model_dir, identity_file, tmp_path / "run", "data.packing=false"), progress=False)

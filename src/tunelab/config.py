@@ -99,8 +99,11 @@ class DataConfig(Section):
     system: str | None = Field(None, description="System prompt used when a record has none.")
     train_on_prompt: bool = False
     mask_history: bool = False
-    packing: bool = Field(True, description="Padding-free batches: examples packed into one row, never attending "
-                                            "to each other.")
+    packing: Union[bool, Literal["auto"]] = Field(
+        "auto", description="true: examples packed into one row that never attend to each other (padding-free; "
+                            "fastest with flash-attention's varlen kernels). false: length-grouped right padding "
+                            "without an attention mask (fused causal SDPA; fastest on CPU). auto: true only under "
+                            "flash_attention_*.")
     group_by_length: bool = True
     separate_documents: bool = Field(True, description="pt: documents never attend to each other in a block.")
     on_error: Literal["raise", "skip"] = "raise"
@@ -135,9 +138,8 @@ class TrainConfig(Section):
                                                "and log base_eval_loss, to see whether fine-tuning helped.")
     gradient_checkpointing: bool = False
     loss_chunk_size: int = Field(1024, ge=0, description="Tokens per chunk of the LM-head loss; 0 = unchunked.")
-    auto_batch_size: bool = False
-    compile: bool = False
-    optimizer_offload: bool = False
+    auto_batch_size: bool = Field(False, description="On out-of-memory, split micro-batches in two and double "
+                                                      "accumulation (global batch unchanged).")
 
 
 class PrefConfig(Section):

@@ -77,7 +77,7 @@ def score_examples(loaded: LoadedRun, head: ValueHead, examples: list[Example], 
     scores: list[float] = []
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start:start + batch_size], loaded.tokenizer.pad_token_id, packing=False)
-        batch["sequence_index"] = padded_sequence_index(batch["attention_mask"])
+        batch["sequence_index"] = padded_sequence_index(batch["padding_mask"])
         batch["num_sequences"] = torch.tensor(batch["input_ids"].shape[0])
         batch = {k: v.to(device) for k, v in batch.items()}
         scores += sequence_scores(loaded.model, head, batch).tolist()

@@ -12,8 +12,14 @@ Batch contract (dict of torch tensors, read by the training loop and the objecti
   detection only runs when the model has no KV cache: call the model with
   :func:`model_inputs`, which passes ``use_cache=False`` (models default to creating a cache
   even in training, and then silently attend across examples).
-- Padded (``packing=False``): right padding with ``pad_id``, ``attention_mask`` [B, T], labels
-  -100 on padding, ``position_ids`` counting from 0 in every row.
+- Padded (``packing=False``): right padding with ``pad_id``, labels -100 on padding,
+  ``position_ids`` counting from 0 in every row, and ``padding_mask`` [B, T] (1 = real token),
+  which is NOT passed to the model: with right padding a causal model's real tokens never
+  attend to the pads after them, so no attention mask is needed, and without one SDPA runs
+  its fused causal kernel (memory linear in length) instead of materialising [T, T] scores.
+  A packed row's block-diagonal mask forces that materialised path, quadratic in the row's
+  total length: on CPU (and SDPA generally), length-grouped right padding is faster and
+  much lighter than one packed row; with flash-attention's varlen kernels packing wins.
 - Sequence objectives (rm, dpo, kto) also get ``sequence_index`` [B, T] long: which sequence each
   token (and its label) belongs to, -1 on padding, and ``num_sequences`` (0-d). Pairs are ordered
   ``[chosen_0..chosen_{N-1}, rejected_0..rejected_{N-1}]``; unpaired batches add ``desirable`` [N].
@@ -68,7 +74,7 @@ def _padded(examples: Sequence[Example], pad_id: int) -> Batch:
         labels[row, :length] = torch.tensor(example.labels, dtype=torch.long)
         mask[row, :length] = 1
     positions = torch.arange(width, dtype=torch.long).expand(rows, width).clone()
-    return {"input_ids": ids, "labels": labels, "position_ids": positions, "attention_mask": mask}
+    return {"input_ids": ids, "labels": labels, "position_ids": positions, "padding_mask": mask}
 
 
 def collate(examples: Sequence[Example], pad_id: int, packing: bool) -> Batch:

@@ -17,7 +17,7 @@ from tunelab.estimate.skeleton import ModelFacts, model_facts
 from tunelab.estimate.workload import Workload, load_workload
 from tunelab.methods.base import get_method
 from tunelab.models.loader import load_tokenizer, resolve_dtype
-from tunelab.train.runtime import resolve_precision
+from tunelab.train.runtime import packing_enabled, resolve_precision
 
 _DEVICE = re.compile(r"^(cpu|cuda)(?::(\d+(?:\.\d+)?)\s*(gb|gib|g)?)?$", re.IGNORECASE)
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -160,7 +160,7 @@ def estimate(cfg: RunConfig, target: Target, *, framework: int | None = None,
     notes = _check_stage(cfg)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
     method = get_method(cfg.method)
-    packed = cfg.data.packing and method.supports_packing
+    packed = packing_enabled(cfg.data.packing, cfg.model.attn_implementation, method.supports_packing)
     workload = load_workload(cfg, tokenizer, packed)
     quantized = cfg.model.quantization != "none" or cfg.method.type == "qlora"
     facts = model_facts(cfg, tokenizer, weight_dtype(cfg, target), workload.steps)

@@ -46,7 +46,7 @@ Terms (peak = the largest of the phase totals below):
   key/value heads) else ``kv``; for SmolLM2 with LoRA on all linears under CPU bf16
   autocast this is (8h + 2kv + 4i)*2 + 2h*4 + 14r. Total ``L_g x P x a``. With gradient
   checkpointing only each layer's input is kept: ``L_g x P x h x b_r``.
-  A materialised mask (padding, several packed sequences, or a prefix) adds
+  A materialised mask (several packed sequences, or a prefix) adds
   ``rows x width x (width + prefix) x b`` per layer (SDPA converts it per call).
   Prefix tuning adds its key/value prefix to every layer: ``2 x prefix x kv' x b x rows``.
 - ``logits``: the LM head runs on the ``S`` supervised rows, a chunk of ``c`` rows at a

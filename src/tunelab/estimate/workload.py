@@ -43,8 +43,9 @@ class MicroBatch:
         return self.rows * self.width
 
     def masked(self, packed: bool) -> bool:
-        """Whether attention needs an explicit mask (padding, or several packed sequences)."""
-        return self.sequences > 1 if packed else self.positions > self.tokens
+        """Whether attention gets an explicit mask: several packed sequences need a block-diagonal
+        one; padded rows get none (right padding under causal attention never reaches a real token)."""
+        return packed and self.sequences > 1
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from tunelab.train.checkpoint import TrainState, list_checkpoints, load_checkpoi
 from tunelab.train.monitor import Monitor, peak_memory_bytes
 from tunelab.train.objectives import Objective, build_objective
 from tunelab.train.optim import build_optimizer, build_scheduler
-from tunelab.train.runtime import make_accelerator
+from tunelab.train.runtime import make_accelerator, packing_enabled
 
 
 @dataclass
@@ -104,6 +104,16 @@ class MicroBatches:
             epoch, start = epoch + 1, 0
 
 
+def _split(indices: list[int], parts: int) -> list[list[int]]:
+    """``indices`` in ``parts`` nearly equal contiguous pieces (no empty piece)."""
+    size = math.ceil(len(indices) / parts)
+    return [indices[i:i + size] for i in range(0, len(indices), size)]
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
 def total_steps(cfg: RunConfig, micro_batches_per_epoch: int) -> int:
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
@@ -143,8 +153,10 @@ class Trainer:
         optimizer = build_optimizer(self.method.param_groups(self.model, cfg.train), cfg.train)
         self.scheduler = build_scheduler(optimizer, cfg.train, self.total_steps)
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
-        self.packing = cfg.data.packing and self.method.supports_packing
+        self.packing = packing_enabled(cfg.data.packing, str(getattr(self.model.config, "_attn_implementation", "")),
+                                       self.method.supports_packing)
         self.trainable_params, self.total_params = count_parameters(self.model)
+        self.micro_batch_split = 1  # raised by train.auto_batch_size after an out-of-memory error
 
     # -- batches ----------------------------------------------------------------------
     def _collate(self, indices: list[int], examples: list[Any]) -> dict[str, torch.Tensor]:
@@ -183,6 +195,35 @@ class Trainer:
         if grad_norm is not None:
             row["grad_norm"] = grad_norm
         return row
+
+    def _step_fitting_memory(self, groups: list[list[int]], monitor: Monitor) -> dict[str, float]:
+        """One optimizer step over ``groups`` (example indices per micro-batch).
+
+        With ``train.auto_batch_size``, an out-of-memory error splits every micro-batch in
+        two and retries the step: accumulation doubles and the global batch stays the same.
+        Token-level normalisation makes the split step's gradient equal the unsplit one.
+        """
+        while True:
+            parts = [part for group in groups for part in _split(group, self.micro_batch_split)]
+            try:
+                return self._step([self._collate(part, self.data.train) for part in parts])
+            except (torch.OutOfMemoryError, RuntimeError) as err:
+                if not _is_out_of_memory(err):
+                    raise
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.accelerator.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if not self.cfg.train.auto_batch_size or all(len(part) == 1 for part in parts):
+                    raise TunelabError(
+                        f"out of memory at step {self.state.step + 1} with micro-batches of up to "
+                        f"{max(len(p) for p in parts)} examples. Set train.auto_batch_size=true to split them "
+                        "automatically, or lower train.batch_size (raise train.grad_accum to keep the global "
+                        "batch), data.max_length, or turn on train.gradient_checkpointing.") from err
+                self.micro_batch_split *= 2
+                monitor.write(f"out of memory: splitting each micro-batch into {self.micro_batch_split} (about "
+                              f"{max(1, self.cfg.train.batch_size // self.micro_batch_split)} examples each, "
+                              f"{self.cfg.train.grad_accum * self.micro_batch_split} accumulation steps); the "
+                              "global batch is unchanged")
 
     # -- evaluation ---------------------------------------------------------------------
     @torch.no_grad()
@@ -243,13 +284,13 @@ class Trainer:
         interrupted = False
         with StopFlag() as stop:
             while self.state.step < self.total_steps:
-                batches, tokens = [], 0
+                groups, tokens = [], 0
                 for _ in range(t.grad_accum):
                     epoch, index, indices = next(stream)
-                    batches.append(self._collate(indices, self.data.train))
+                    groups.append(indices)
                     tokens += sum(example_length(self.data.train[i]) for i in indices)
                     self.state.epoch, self.state.batch_in_epoch = epoch, index + 1
-                row = self._step(batches)
+                row = self._step_fitting_memory(groups, monitor)
                 self.state.step += 1
                 self.state.tokens_seen += tokens
                 window_tokens += tokens

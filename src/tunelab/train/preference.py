@@ -200,7 +200,7 @@ class KTOObjective(Objective):
     def reference_point(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """z0 = max(0, mean(log pi - log pi_ref)) over the mismatched batch, detached."""
         items = [UnpairedExample(e, True) for e in mismatched_examples(batch, self.max_length)]
-        packed = "attention_mask" not in batch
+        packed = "padding_mask" not in batch
         device = batch["input_ids"].device
         mismatched = {k: v.to(device) for k, v in collate_unpaired(items, self.pad_id, packed).items()}
         with torch.no_grad():

@@ -77,3 +77,17 @@ def make_accelerator(precision: str) -> Accelerator:
     if state and str(state.get("_mixed_precision", mixed)) != mixed:
         AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=mixed)
+
+
+def packing_enabled(setting: bool | str, attn_implementation: str, supports_packing: bool) -> bool:
+    """``data.packing`` resolved: ``auto`` packs rows only under flash-attention's varlen kernels.
+
+    Packed rows need a block-diagonal mask, which sends SDPA (CPU, and CUDA without flash
+    kernels) down its materialised [T, T] path; length-grouped right padding with no mask
+    keeps the fused causal kernel and is faster and lighter there (see data.batching).
+    """
+    if not supports_packing:
+        return False
+    if setting == "auto":
+        return attn_implementation.startswith("flash_attention")
+    return bool(setting)
