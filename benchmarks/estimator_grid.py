@@ -113,10 +113,9 @@ def fit(rows: dict[str, Any], points: list) -> Calibration:
     where the LM-head term hides it on SmolLM2.
     """
     best, best_score = Calibration(), (float("inf"), float("inf"))
-    for loss, backward, allocator, runtime in itertools.product(
-            (8.0, 10.0, 11.0, 12.0, 13.0, 14.0, 16.0), (0.5, 1.0, 1.5, 2.0),
-            [1.0 + 0.05 * k for k in range(13)], range(0, 140, 20)):
-        candidate = Calibration(loss, backward, round(allocator, 2), runtime * 2**20)
+    for loss, backward, runtime in itertools.product(
+            (8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 16.0), (0.5, 1.0, 1.5, 2.0), range(0, 140, 10)):
+        candidate = Calibration(loss, backward, runtime * 2**20)
         errors = [abs(r["error_pct"]) for r in evaluate(rows, points, candidate)]
         score = (round(max(errors), 1), sum(errors) / len(errors))
         if score < best_score:

@@ -7,8 +7,11 @@ length 512, micro-batch 4, no gradient accumulation, one epoch, lr 2e-4 cosine, 
 Variants, each in its own child process (so its peak RSS, read with ``os.wait4``, is its
 own), run one after another in this invocation:
 
-- ``tunelab``: ``tunelab.train.train`` with its defaults (packed padding-free batches,
-  chunked LM-head loss, bf16 autocast on CPUs with bf16 units);
+- ``tunelab``: ``tunelab.train.train`` with its defaults (``data.packing: auto``, which on
+  CPU means length-grouped right padding without an attention mask; chunked LM-head loss;
+  bf16 autocast on CPUs with bf16 units);
+- ``tunelab_packed``: the same with ``data.packing=true`` (padding-free rows, block-diagonal
+  attention mask);
 - ``hf``: the usual Hugging Face recipe -- ``transformers.Trainer`` + PEFT ``LoraConfig``,
   fp32, ``DataCollatorForSeq2Seq`` padding to the longest example of each batch (labels
   padded with -100), the model's own full-vocabulary loss. It trains on tunelab's
@@ -194,6 +197,7 @@ def run_variant(variant: str, config: Path, scratch: Path, max_steps: int | None
     from tunelab.estimate.measure import run_child
 
     out = scratch / f"{variant}.json"
+    load_before = os.getloadavg()[0]
     steps = ["--max-steps", str(max_steps)] if max_steps else []
     code, peak, wall = run_child([sys.executable, __file__, "--child", variant, "--config", str(config),
                                   "--out", str(out), *steps], scratch / f"{variant}.log", env=dict(os.environ))
@@ -201,7 +205,8 @@ def run_variant(variant: str, config: Path, scratch: Path, max_steps: int | None
         log = (scratch / f"{variant}.log").read_text(encoding="utf-8", errors="replace")
         raise SystemExit(f"variant {variant} failed (exit {code}):\n{log[-3000:]}")
     result = json.loads(out.read_text(encoding="utf-8"))
-    result.update(peak_rss_bytes=peak, process_wall_s=wall, tokens_per_s=result["tokens"] / result["train_s"])
+    result.update(peak_rss_bytes=peak, process_wall_s=wall, tokens_per_s=result["tokens"] / result["train_s"],
+                  loadavg=[load_before, os.getloadavg()[0]])
     return result
 
 
@@ -223,12 +228,13 @@ def markdown(summary: dict[str, Any], command: str) -> str:
              f"Command: `{command}`  ", f"bf16 matmul peak measured in this run: "
              f"{summary['bf16_peak_flops'] / 1e9:.0f} GFLOP/s; load average at the end "
              f"{summary['loadavg'][0]:.1f} (2 shared cores); OMP_WAIT_POLICY={summary['omp_wait_policy']}.", "",
-             "| variant | real tokens/s | peak RSS | MFU | final loss | mean loss | steps | train s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| variant | real tokens/s | peak RSS | MFU | final loss | mean loss | steps | train s "
+             "| load before/after |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for variant, r in summary["variants"].items():
         lines.append(f"| {variant} | {r['tokens_per_s']:.0f} | {r['peak_rss_bytes'] / 1e9:.2f} GB | "
                      f"{100 * r['mfu']:.1f}% | {r['final_loss']:.4f} | {r['mean_loss']:.4f} | {r['steps']} | "
-                     f"{r['train_s']:.0f} |")
+                     f"{r['train_s']:.0f} | {r['loadavg'][0]:.1f} / {r['loadavg'][1]:.1f} |")
     if "loss_rel_diff" in summary:
         diff = summary["loss_rel_diff"]
         lines += ["", f"tunelab vs unpacked fp32 loss: final {100 * diff['final_loss']:.2f}%, "

@@ -68,3 +68,9 @@ def test_save_and_reload_round_trip(tmp_path):
 def test_run_config_missing_is_explained(tmp_path):
     with pytest.raises(ConfigError, match="not a tunelab run directory"):
         load_run_config(tmp_path)
+
+
+def test_qlora_loads_the_base_in_4bit_unless_told_otherwise():
+    assert build_config({"method": {"type": "qlora"}}).model.quantization == "4bit"
+    assert build_config({"method": {"type": "qlora"}, "model": {"quantization": "8bit"}}).model.quantization == "8bit"
+    assert build_config({"method": {"type": "lora"}}).model.quantization == "none"

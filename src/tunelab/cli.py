@@ -19,6 +19,11 @@ import typer
 from tunelab.errors import TunelabError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# OpenMP threads that sleep instead of spinning while they wait: with more busy processes
+# than cores (a shared machine, a server next to training) spinning made each op 10-70x
+# slower in benchmarks/speed.py; must be set before torch loads libgomp. Override by
+# exporting OMP_WAIT_POLICY yourself.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Third-party notices that say nothing actionable to a tunelab user: bitsandbytes' optional
 # CPU kernel package (it would come from a hub we never reach), and a transformers
 # deprecation raised inside PEFT.

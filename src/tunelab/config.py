@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunelab.errors import ConfigError
 from tunelab.io import write_text
@@ -183,6 +183,13 @@ class RunConfig(Section):
     pref: PrefConfig = Field(default_factory=PrefConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     output_dir: str = "runs/run"
+
+    @model_validator(mode="after")
+    def _qlora_loads_a_4bit_base(self) -> "RunConfig":
+        """QLoRA means LoRA on a 4-bit base: load it so unless a quantization was chosen."""
+        if self.method.type == "qlora" and self.model.quantization == "none":
+            self.model.quantization = "4bit"
+        return self
 
 
 # ---------------------------------------------------------------------------- loading

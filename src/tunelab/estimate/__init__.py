@@ -32,7 +32,6 @@ _LABELS = {
     "activations": "activations",
     "logits": "logits + loss (chunked)",
     "backward": "backward transient",
-    "allocator": "allocator overhead (glibc)",
 }
 
 

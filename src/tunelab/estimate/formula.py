@@ -55,14 +55,17 @@ Terms (peak = the largest of the phase totals below):
   bytes (calibrated ``k_loss``), plus the head's bf16 weight copy under CPU autocast.
 - ``backward``: the transient gradients of one layer while backward walks down, plus
   the recomputed layer under checkpointing: ``k_bwd x P x a`` (calibrated).
-- ``allocator`` (CPU only): glibc keeps freed activation blocks mapped and reuses them
-  imperfectly, so resident memory exceeds live tensors; ``(f_alloc - 1) x`` (activations
-  + autocast copies + backward transient), calibrated on this machine against
-  ``--measure``. On CUDA the estimate is ``torch.cuda.max_memory_allocated`` (live
-  tensors, no allocator term); the CUDA context (~0.5 GiB) is outside it.
+- No allocator term: the trainer fixes glibc's mmap threshold
+  (``tunelab.train.runtime.limit_heap_fragmentation``), so every large tensor is its own
+  mapping, returned on free, and resident memory tracks live tensors (a multiplicative
+  allocator factor, fitted as a free constant on the grid, came out at 1.00; with glibc's
+  default threshold the same runs needed 1.2-1.35 and grew step after step). On CUDA the estimate is
+  ``torch.cuda.max_memory_allocated`` (live tensors); the CUDA context (~0.5 GiB) is
+  outside it.
 
 Phases: ``forward`` = framework + dataset + weights + optimizer (+ gradients with
-accumulation) + autocast copies + activations + max(logits, backward) + allocator;
+accumulation) + autocast copies + activations + max(logits, backward) (+ a frozen
+``reference_model`` copy of the weights for full/freeze DPO and KTO);
 ``optimizer step`` = framework + dataset + weights + gradients + optimizer + AdamW's
 temporaries (2 x the largest trainable tensor). With N GPUs and ZeRO stage s: stage
 >= 1 shards optimizer states, >= 2 gradients, 3 the weights (``weights`` / N, plus
@@ -87,17 +90,16 @@ BNB_MIN_8BIT_SIZE = 4096
 @dataclass(frozen=True)
 class Calibration:
     """Constants fitted with ``benchmarks/estimator_grid.py --fit`` (2-core x86 CPU with AMX,
-    glibc 2.x, torch 2.13, transformers 5.23): worst |error| 9.8% over the 18 grid runs."""
+    torch 2.13, transformers 5.23): worst |error| 4.4% over the 18 grid runs, 1.7% over the
+    7 held-out runs."""
 
     #: bytes per logit of one LM-head chunk at its peak (bf16 logits, fp32 copy,
     #: log-softmax, their gradients)
     loss_bytes_per_logit: float = 12.0
     #: backward transient, in layers' worth of saved activations
     backward_layers: float = 0.5
-    #: CPU resident bytes per live byte of activations, weight copies and transients
-    allocator_factor: float = 1.2
     #: tokenizer, accelerator, method objects and the like beyond the import baseline
-    runtime_bytes: int = 80 * 2**20
+    runtime_bytes: int = 50 * 2**20
 
 
 @dataclass(frozen=True)
@@ -252,14 +254,11 @@ def forward_terms(facts: ModelFacts, workload: Workload, batch: MicroBatch, run:
     copies = autocast_copy_bytes(facts, run.precision, run.checkpointing)
     logits = logits_bytes(facts, batch, run.chunk, run.precision, cal)
     backward = cal.backward_layers * largest * (2 if run.checkpointing else 1)
-    transient = max(logits, backward)
-    allocator = (cal.allocator_factor - 1) * (saved + copies + transient) if run.target.device == "cpu" else 0
     return {**_fixed_terms(facts, workload, run),
             "optimizer": _shard(optimizer_bytes(facts, run.optimizer), run.target, 1) if with_states else 0,
             "gradients": _shard(facts.trainable_bytes, run.target, 2) if with_grads else 0,
             "autocast_copies": copies, "activations": saved,
-            "logits": logits if logits >= backward else 0, "backward": backward if backward > logits else 0,
-            "allocator": allocator}
+            "logits": logits if logits >= backward else 0, "backward": backward if backward > logits else 0}
 
 
 def step_terms(facts: ModelFacts, workload: Workload, run: Settings) -> dict[str, float]:

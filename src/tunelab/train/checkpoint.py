@@ -14,7 +14,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -66,6 +66,16 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer, scheduler, state
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def checkpoint_if_due(step: int, save_every: int | None, stop_requested: bool, save: Callable[[], None],
+                      report: Callable[[str], None]) -> bool:
+    """Checkpoint on schedule, or because a stop was requested; True when the loop must stop."""
+    if save_every and step % save_every == 0 or stop_requested:
+        save()
+    if stop_requested:
+        report(f"stopped at step {step}: checkpoint saved; continue with --resume")
+    return stop_requested
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

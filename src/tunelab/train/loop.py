@@ -26,7 +26,8 @@ from tunelab.data.pipeline import DataBundle, build_data, example_length
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.methods.base import Method, count_parameters, get_method
 from tunelab.models.loader import load_base
-from tunelab.train.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
+from tunelab.train.checkpoint import (TrainState, checkpoint_if_due, list_checkpoints, load_checkpoint,
+                                     save_checkpoint)
 from tunelab.train.monitor import Monitor, peak_memory_bytes
 from tunelab.train.objectives import Objective, build_objective
 from tunelab.train.optim import build_optimizer, build_scheduler
@@ -308,11 +309,8 @@ class Trainer:
                     monitor.log(last)
                 if t.eval_every and step % t.eval_every == 0 and step != self.total_steps:
                     monitor.log({"step": step, **self.evaluate()})
-                if t.save_every and step % t.save_every == 0 or stop.requested:
-                    self._checkpoint()
-                if stop.requested:
+                if checkpoint_if_due(step, t.save_every, stop.requested, self._checkpoint, monitor.write):
                     interrupted = True
-                    monitor.write(f"stopped at step {step}: checkpoint saved; continue with --resume")
                     break
         wall = time.perf_counter() - started
         final_eval = {} if interrupted else self.evaluate()

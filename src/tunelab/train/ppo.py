@@ -46,8 +46,9 @@ from tunelab.errors import ConfigError, TunelabError
 from tunelab.inference import LoadedRun, stop_token_ids
 from tunelab.methods.base import count_parameters, get_method
 from tunelab.models.loader import load_base
-from tunelab.train.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
-from tunelab.train.loop import MicroBatches, TrainResult, check_run_dir, enable_gradient_checkpointing, StopFlag
+from tunelab.train.checkpoint import (TrainState, checkpoint_if_due, list_checkpoints, load_checkpoint,
+                                     save_checkpoint)
+from tunelab.train.loop import MicroBatches, StopFlag, TrainResult, check_run_dir, enable_gradient_checkpointing
 from tunelab.train.losses import token_logps
 from tunelab.train.monitor import Monitor, peak_memory_bytes
 from tunelab.train.objectives import Batch, hidden_states
@@ -319,12 +320,9 @@ class PPOTrainer:
                 last = self.step_row(exp, stats, time.perf_counter() - step_start)
                 if self.state.step % self.cfg.train.log_every == 0 or self.state.step == self.total_steps:
                     monitor.log(last)
-                save_every = self.cfg.train.save_every
-                if save_every and self.state.step % save_every == 0 or stop.requested:
-                    self._checkpoint()
-                if stop.requested:
+                if checkpoint_if_due(self.state.step, self.cfg.train.save_every, stop.requested, self._checkpoint,
+                                     monitor.write):
                     interrupted = True
-                    monitor.write(f"stopped at step {self.state.step}: checkpoint saved; continue with --resume")
                     break
         wall = time.perf_counter() - started
         if not interrupted:
