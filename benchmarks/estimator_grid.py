@@ -32,10 +32,10 @@ from typing import Any
 
 from tunelab.config import load_config
 from tunelab.estimate import Calibration, error_pct, estimate, parse_target
-from tunelab.estimate.measure import MEASURE_STEPS, measure, steps_override
+from tunelab.estimate.measure import MEASURE_STEPS, measure_run, steps_override
 from tunelab.io import write_json, write_text
 
-from speed import RESULTS, write_job_config  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from speed import RESULTS, write_job_config  # benchmarks/ is on sys.path when this runs as a script
 
 TOLERANCE_PCT = 15.0
 
@@ -78,7 +78,7 @@ def run_grid(base: Path, points: list[tuple[str, int, int, bool, bool]], previou
     rows = dict(previous)
     for point in points:
         started = time.perf_counter()
-        measured = measure(str(base), overrides(point), MEASURE_STEPS, "cpu")
+        measured = measure_run(str(base), overrides(point), MEASURE_STEPS, "cpu")
         rows[name(point)] = {"overrides": overrides(point), "measured_peak_bytes": measured.peak_bytes,
                              "wall_s": round(measured.wall_s, 1), "tokens_per_s": measured.tokens_per_s,
                              "loadavg": os.getloadavg()[0]}

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from tunelab.config import load_config
 from tunelab.estimate.core import MemoryEstimate, estimate, parse_target
 from tunelab.estimate.formula import Calibration
-from tunelab.estimate.measure import MEASURE_STEPS, Measurement, measure, steps_override
+from tunelab.estimate.measure import MEASURE_STEPS, Measurement, measure_run, steps_override
 
 __all__ = ["Calibration", "MemoryEstimate", "error_pct", "estimate", "estimate_main", "parse_target", "verify"]
 
@@ -45,7 +45,7 @@ def verify(config: str, overrides: list[str], target_device: str | None, num_gpu
     target = parse_target(target_device, num_gpus, zero_stage)
     short = load_config(config, [*overrides, steps_override(steps)])
     predicted = estimate(short, target, framework=framework)
-    return predicted, measure(config, overrides, steps, target.device)
+    return predicted, measure_run(config, overrides, steps, target.device)
 
 
 def error_pct(predicted: int, measured: int) -> float:

@@ -146,19 +146,19 @@ def _check_stage(cfg: RunConfig) -> list[str]:
                           "and value models are not modelled. Estimate the policy's sft run instead.")
     if cfg.stage in ("rm", "dpo", "kto"):
         return [f"stage {cfg.stage}: chosen and rejected sequences are counted as one micro-batch; the reference "
-                "pass runs without gradients and is not counted beyond its logits."]
+                "model's forward pass runs without gradients and is not counted."]
     return []
 
 
 def estimate(cfg: RunConfig, target: Target, *, framework: int | None = None,
-             calibration: Calibration = Calibration(), tokenizer: Any = None) -> MemoryEstimate:
+             calibration: Calibration = Calibration()) -> MemoryEstimate:
     """Predict the peak memory of training ``cfg`` on ``target``.
 
     ``framework`` overrides the measured CPU framework baseline (tests pass 0 to skip the
-    measurement subprocess); ``tokenizer`` avoids reloading one the caller already has.
+    measurement subprocess).
     """
     notes = _check_stage(cfg)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model)
     method = get_method(cfg.method)
     packed = packing_enabled(cfg.data.packing, cfg.model.attn_implementation, method.supports_packing)
     workload = load_workload(cfg, tokenizer, packed)

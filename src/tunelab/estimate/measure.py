@@ -92,7 +92,7 @@ def run_child(command: list[str], log: Path, env: dict[str, str] | None = None) 
     return usage["code"], int(kib if sys.platform == "darwin" else kib * 1024), time.perf_counter() - started
 
 
-def measure(config: str, overrides: list[str], steps: int, device: str) -> Measurement:
+def measure_run(config: str, overrides: list[str], steps: int, device: str) -> Measurement:
     """Train ``steps`` steps of the run in a child process and return its peak memory."""
     with tempfile.TemporaryDirectory(prefix="tunelab-measure-") as scratch:
         run_dir = Path(scratch) / "run"

@@ -16,7 +16,7 @@ linear layers save their inputs for backward.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,7 +53,6 @@ class ModelFacts:
     intermediate: int
     q_dim: int
     kv_dim: int
-    heads: int
     layers: int
     vocab: int
     weight_bytes: dict[str, int]            # storage kind ("float32", "nf4", ...) -> bytes
@@ -73,7 +72,6 @@ class ModelFacts:
     virtual_tokens: int = 0                 # prompt tuning / P-tuning: tokens prepended to every row
     prefix_tokens: int = 0                  # prefix / P-tuning v2: key/value prefix length
     method_note: str = ""
-    notes: list[str] = field(default_factory=list)
 
 
 def model_config(cfg: RunConfig) -> Any:
@@ -150,6 +148,13 @@ def _dora_outputs(layer: nn.Module) -> int:
     by the trained magnitude, and each product keeps its operand for backward."""
     return sum(module.get_base_layer().out_features for module in layer.modules()
                if any(getattr(module, "use_dora", {}).values()))
+
+
+def _trainable_linear_weights(model: nn.Module) -> int:
+    """Elements of trainable linear weights, each once (a tied LM head is the embedding)."""
+    weights = {id(m.weight): m.weight.numel() for m in model.modules()
+               if isinstance(m, nn.Linear) and m.weight.requires_grad}
+    return sum(weights.values())
 
 
 def _trainable_norms(layer: nn.Module) -> int:
@@ -256,7 +261,7 @@ def _dims(config: Any) -> dict[str, int]:
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     return dict(hidden=hidden, intermediate=getattr(config, "intermediate_size", 4 * hidden),
-                q_dim=heads * head_dim, kv_dim=kv_heads * head_dim, heads=heads,
+                q_dim=heads * head_dim, kv_dim=kv_heads * head_dim,
                 layers=config.num_hidden_layers, vocab=config.vocab_size)
 
 
@@ -277,16 +282,13 @@ def model_facts(cfg: RunConfig, tokenizer: Any, base_dtype: torch.dtype, total_s
     trainable = [p for p in params if p.requires_grad]
     adapters = _adapter_units(wrapped, len(layers))
     ia3 = [_ia3_scaled(layer) for layer in layers]
-    head = wrapped.get_output_embeddings()
     return ModelFacts(
         **_dims(config),
         weight_bytes=weight_bytes(wrapped, quantization, cfg.model.quant_type, cfg.model.double_quant),
         layer_weight_bytes=max(sum(weight_bytes(layer, quantization, cfg.model.quant_type,
                                                 cfg.model.double_quant).values()) for layer in layers),
         frozen_linear_weights=[_frozen_linear_weights(layer) for layer in layers],
-        trainable_linear_weights=sum(m.weight.numel() for m in wrapped.modules()
-                                     if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.requires_grad
-                                     and (isinstance(m, nn.Linear) or m.weight is getattr(head, "weight", None))),
+        trainable_linear_weights=_trainable_linear_weights(wrapped),
         trainable_params=sum(p.numel() for p in trainable),
         trainable_bytes=sum(p.numel() * p.element_size() for p in trainable),
         trainable_tensors=[p.numel() for p in trainable],

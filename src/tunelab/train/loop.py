@@ -154,8 +154,8 @@ class Trainer:
         optimizer = build_optimizer(self.method.param_groups(self.model, cfg.train), cfg.train)
         self.scheduler = build_scheduler(optimizer, cfg.train, self.total_steps)
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
-        self.packing = packing_enabled(cfg.data.packing, str(getattr(self.model.config, "_attn_implementation", "")),
-                                       self.method.supports_packing)
+        attention = getattr(self.accelerator.unwrap_model(self.model).config, "_attn_implementation", "")
+        self.packing = packing_enabled(cfg.data.packing, str(attention), self.method.supports_packing)
         self.trainable_params, self.total_params = count_parameters(self.model)
         self.micro_batch_split = 1  # raised by train.auto_batch_size after an out-of-memory error
 
@@ -192,7 +192,9 @@ class Trainer:
         self.method.on_optimizer_step(self.accelerator.unwrap_model(self.model), self.state.step + 1)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        row = {"loss": loss_sum / units, **{k: v / units for k, v in sums.items()}}
+        totals = self.accelerator.reduce(torch.tensor([loss_sum, *sums.values()], device=self.accelerator.device),
+                                         reduction="sum").tolist()  # every process's share of the step
+        row = {"loss": totals[0] / units, **{k: v / units for k, v in zip(sums, totals[1:])}}
         if grad_norm is not None:
             row["grad_norm"] = grad_norm
         return row
