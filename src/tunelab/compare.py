@@ -37,14 +37,20 @@ class MethodResult:
     error: str | None = None
 
 
-def _split_method_overrides(items: list[str], methods: list[str]) -> dict[str, list[str]]:
-    """``prefix:train.lr=1e-2`` -> {"prefix": ["train.lr=1e-2"]}."""
+def _split_method_overrides(items: list[str], methods: list[str], known: set[str]) -> dict[str, list[str]]:
+    """``prefix:train.lr=1e-2`` -> {"prefix": ["train.lr=1e-2"]}.
+
+    Settings for known methods that are not being run are ignored, so one script can
+    hold every method's settings and run any subset.
+    """
     per_method: dict[str, list[str]] = {m: [] for m in methods}
     for item in items:
         method, sep, override = item.partition(":")
-        if not sep or method not in per_method:
-            raise ConfigError(f"--set '{item}': write METHOD:key=value with METHOD one of {', '.join(methods)}.")
-        per_method[method].append(override)
+        if not sep or method not in known:
+            raise ConfigError(f"--set '{item}': write METHOD:key=value with METHOD a method type "
+                              f"({', '.join(sorted(known))}).")
+        if method in per_method:
+            per_method[method].append(override)
     return per_method
 
 
@@ -149,7 +155,7 @@ def compare(config: str | Path, overrides: list[str], methods: list[str], out_di
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"--methods names unknown method(s) {unknown}; known: {', '.join(sorted(METHODS))}.")
-    per_method = _split_method_overrides(method_overrides or [], methods)
+    per_method = _split_method_overrides(method_overrides or [], methods, set(METHODS))
     probe = load_config(config, overrides)
     if not probe.data.eval and not probe.data.eval_split:
         raise ConfigError("compare needs an eval set to tell methods apart: set data.eval or data.eval_split.")
