@@ -11,7 +11,8 @@ largest absolute error over the measured points (re-evaluating the formula only;
 is retrained) and prints them; copy them into ``Calibration``'s defaults. ``--reuse``
 skips the measurements and uses the peaks stored in estimator_grid.json.
 
-Usage (from the repository root, about 1 minute per grid point on 2 shared cores)::
+Usage (from the repository root; 10-60 s per 3-step point and 4-5 min per 50-step point on
+2 shared cores)::
 
     . .venv/bin/activate
     HF_HUB_OFFLINE=1 python benchmarks/estimator_grid.py [--only lora] [--fit] [--reuse]
@@ -39,46 +40,52 @@ from speed import RESULTS, write_job_config  # benchmarks/ is on sys.path when t
 
 TOLERANCE_PCT = 15.0
 
-#: (method, max_length, batch size, gradient checkpointing, packing). Prefix tuning cannot
-#: use gradient checkpointing (its prefixes travel as cached keys/values).
-GRID: list[tuple[str, int, int, bool, bool]] = [
-    *[("lora", length, batch, gc, True) for length, batch, gc in itertools.product((128, 512), (1, 4), (False, True))],
-    ("lora", 512, 4, False, False),
-    ("full", 512, 4, False, True), ("full", 512, 4, True, True), ("full", 128, 1, False, True),
-    ("freeze", 512, 4, False, True), ("freeze", 128, 4, True, True),
-    ("prefix", 512, 4, False, True), ("prefix", 128, 1, False, True),
-    ("ia3", 512, 4, False, True), ("ia3", 512, 1, True, True),
+#: (method, max_length, batch size, gradient checkpointing, packing, optimizer steps). Prefix
+#: tuning cannot use gradient checkpointing (its prefixes travel as cached keys/values). The
+#: two 50-step runs (the whole epoch) show what grows over a run (oneDNN's kernel cache).
+Point = tuple[str, int, int, bool, bool, int]
+GRID: list[Point] = [
+    *[("lora", length, batch, gc, True, MEASURE_STEPS)
+      for length, batch, gc in itertools.product((128, 512), (1, 4), (False, True))],
+    ("lora", 512, 4, False, False, MEASURE_STEPS),
+    ("full", 512, 4, False, True, MEASURE_STEPS), ("full", 512, 4, True, True, MEASURE_STEPS),
+    ("full", 128, 1, False, True, MEASURE_STEPS),
+    ("freeze", 512, 4, False, True, MEASURE_STEPS), ("freeze", 128, 4, True, True, MEASURE_STEPS),
+    ("prefix", 512, 4, False, True, MEASURE_STEPS), ("prefix", 128, 1, False, True, MEASURE_STEPS),
+    ("ia3", 512, 4, False, True, MEASURE_STEPS), ("ia3", 512, 1, True, True, MEASURE_STEPS),
+    ("lora", 512, 4, False, False, 50), ("lora", 512, 4, True, False, 50),
 ]
 #: Held out: measured and reported, never used by ``--fit`` (checks that the fit generalises).
-HOLDOUT: list[tuple[str, int, int, bool, bool]] = [
-    ("dora", 512, 4, False, True), ("lora", 128, 4, False, False), ("full", 128, 4, True, True),
-    ("ia3", 128, 4, False, True), ("prompt", 512, 4, False, True), ("houlsby", 512, 4, False, True),
-    ("freeze", 512, 1, False, True),
-]
+HOLDOUT: list[Point] = [
+    (method, length, batch, gc, packing, MEASURE_STEPS) for method, length, batch, gc, packing in (
+        ("dora", 512, 4, False, True), ("lora", 128, 4, False, False), ("full", 128, 4, True, True),
+        ("ia3", 128, 4, False, True), ("prompt", 512, 4, False, True), ("houlsby", 512, 4, False, True),
+        ("freeze", 512, 1, False, True))]
 
 
-def name(point: tuple[str, int, int, bool, bool]) -> str:
-    method, length, batch, gc, packing = point
-    return f"{method} len{length} bs{batch}{' gc' if gc else ''}{'' if packing else ' padded'}"
+def name(point: Point) -> str:
+    method, length, batch, gc, packing, steps = point
+    long = f" {steps} steps" if steps != MEASURE_STEPS else ""
+    return f"{method} len{length} bs{batch}{' gc' if gc else ''}{'' if packing else ' padded'}{long}"
 
 
-def overrides(point: tuple[str, int, int, bool, bool]) -> list[str]:
-    method, length, batch, gc, packing = point
+def overrides(point: Point) -> list[str]:
+    method, length, batch, gc, packing, _ = point
     return [f"method.type={method}", f"data.max_length={length}", f"train.batch_size={batch}",
             f"train.gradient_checkpointing={str(gc).lower()}", f"data.packing={str(packing).lower()}"]
 
 
-def predict(base: Path, point: tuple[str, int, int, bool, bool]):
-    cfg = load_config(base, [*overrides(point), steps_override(MEASURE_STEPS)])
+def predict(base: Path, point: Point):
+    cfg = load_config(base, [*overrides(point), steps_override(point[-1])])
     return estimate(cfg, parse_target("cpu"))
 
 
-def run_grid(base: Path, points: list[tuple[str, int, int, bool, bool]], previous: dict[str, Any]
+def run_grid(base: Path, points: list[Point], previous: dict[str, Any]
              ) -> dict[str, Any]:
     rows = dict(previous)
     for point in points:
         started = time.perf_counter()
-        measured = measure_run(str(base), overrides(point), MEASURE_STEPS, "cpu")
+        measured = measure_run(str(base), overrides(point), point[-1], "cpu")
         rows[name(point)] = {"overrides": overrides(point), "measured_peak_bytes": measured.peak_bytes,
                              "wall_s": round(measured.wall_s, 1), "tokens_per_s": measured.tokens_per_s,
                              "loadavg": os.getloadavg()[0]}
@@ -113,9 +120,9 @@ def fit(rows: dict[str, Any], points: list) -> Calibration:
     where the LM-head term hides it on SmolLM2.
     """
     best, best_score = Calibration(), (float("inf"), float("inf"))
-    for loss, backward, runtime in itertools.product(
-            (8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 16.0), (0.5, 1.0, 1.5, 2.0), range(0, 140, 10)):
-        candidate = Calibration(loss, backward, runtime * 2**20)
+    for loss, backward, runtime, cache in itertools.product(
+            (10.0, 11.0, 12.0, 13.0, 14.0), (0.5, 1.0, 1.5, 2.0), range(0, 140, 10), range(0, 45, 5)):
+        candidate = Calibration(loss, backward, runtime * 2**20, cache * 2**20)
         errors = [abs(r["error_pct"]) for r in evaluate(rows, points, candidate)]
         score = (round(max(errors), 1), sum(errors) / len(errors))
         if score < best_score:
@@ -126,9 +133,10 @@ def fit(rows: dict[str, Any], points: list) -> Calibration:
 
 def markdown(table: list[dict[str, Any]], holdout: list[dict[str, Any]], calibration: Calibration) -> str:
     lines = ["# Estimator grid: predicted vs measured peak memory", "",
-             f"SmolLM2-135M-Instruct, {MEASURE_STEPS} optimizer steps per run, benchmarks/data/alpaca_bench.json, "
+             f"SmolLM2-135M-Instruct, {MEASURE_STEPS} optimizer steps per run unless named, "
+             "benchmarks/data/alpaca_bench.json, "
              "CPU (peak RSS of the training process via os.wait4), bf16 autocast.",
-             "Measured with `HF_HUB_OFFLINE=1 python benchmarks/estimator_grid.py` (every point, ~10 min on 2 "
+             "Measured with `HF_HUB_OFFLINE=1 python benchmarks/estimator_grid.py` (every point, ~20 min on 2 "
              "shared cores); the calibration was fitted on the first table only with `--reuse --fit`. "
              f"Calibration: `{calibration}`.", "",
              "| config | predicted | measured | error % |", "|---|---:|---:|---:|"]

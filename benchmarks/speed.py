@@ -17,7 +17,8 @@ own), run one after another in this invocation:
   padded with -100), the model's own full-vocabulary loss. It trains on tunelab's
   tokenization of the same records, so only the training mechanics differ;
 - ``tunelab_fp32_unpacked``: tunelab with ``data.packing=false`` and
-  ``train.precision=fp32``: the reference the loss of ``tunelab`` is compared with.
+  ``train.precision=fp32``: the reference the loss of ``tunelab`` is compared with;
+- ``tunelab_checkpointing``: the defaults plus ``train.gradient_checkpointing=true``.
 
 Reported per variant: real tokens/s (non-pad tokens of the epoch / training wall time,
 model loading excluded), peak RSS of the whole process, MFU, and the train loss (last
@@ -40,7 +41,7 @@ machine whose cores are shared, libgomp's default busy-waiting makes every eleme
 op 10-70x slower (copy of an 800 x 576 tensor: 12.5 ms spinning vs 0.22 ms passive,
 measured on the 2-core CI machine at load average ~6); all variants get the same setting.
 
-Usage (from the repository root; the three variants take 20-60 minutes on 2 busy cores)::
+Usage (from the repository root; the five variants take 30-60 minutes on 2 busy cores)::
 
     . .venv/bin/activate
     HF_HUB_OFFLINE=1 python benchmarks/speed.py [--variants tunelab,hf,tunelab_fp32_unpacked] [--spin]
@@ -253,6 +254,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--spin", action="store_true", help="keep libgomp's default busy-waiting in the children")
     parser.add_argument("--max-steps", type=int, help="stop every variant after this many steps (smoke test)")
+    parser.add_argument("--tag", default="", help="write results/speed-TAG.md/json instead of speed.md/json")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -276,8 +278,9 @@ def main(argv: list[str]) -> None:
                   f"{results[variant]['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
     summary = summarise(results, max(peak, bf16_peak_flops()))
     command = "HF_HUB_OFFLINE=1 python benchmarks/speed.py " + " ".join(argv)
-    write_json(RESULTS / "speed.json", {**summary, "command": command.strip()})
-    write_text(RESULTS / "speed.md", markdown(summary, command.strip()))
+    stem = f"speed-{args.tag}" if args.tag else "speed"
+    write_json(RESULTS / f"{stem}.json", {**summary, "command": command.strip()})
+    write_text(RESULTS / f"{stem}.md", markdown(summary, command.strip()))
     print(markdown(summary, command.strip()))
 
 

@@ -79,6 +79,17 @@ def test_gradient_checkpointing_lowers_activations(run_tree):
     assert checkpointed["activations"] < plain["activations"] / 3
 
 
+def test_kernel_cache_counts_new_batch_shapes_in_bf16_only(run_tree):
+    bf16 = cpu_estimate(run_tree, "train.precision=bf16", "data.packing=false")
+    shapes = {(b.rows, b.width) for b in bf16.workload.batches}
+    assert len(shapes) > 1
+    per_shape = bf16.calibration.kernel_cache_bytes_per_shape
+    assert bf16.to_dict()["breakdown"]["kernel_cache"] <= len(shapes) * per_shape + 1
+    assert bf16.to_dict()["breakdown"]["kernel_cache"] >= per_shape - 1
+    fp32 = cpu_estimate(run_tree, "train.precision=fp32", "data.packing=false").to_dict()["breakdown"]
+    assert fp32["kernel_cache"] == 0
+
+
 def test_zero_shards_weights_gradients_and_optimizer(run_tree):
     def terms(gpus, stage):
         est = cpu_estimate(run_tree, "method.type=full", "train.grad_accum=2",

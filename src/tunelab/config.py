@@ -8,6 +8,7 @@ command (chat, predict, export, serve, eval) needs only the run's path.
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
@@ -280,7 +281,7 @@ def _apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
 
 def build_config(tree: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> RunConfig:
     """Validate a raw dict (plus ``key=value`` overrides) into a :class:`RunConfig`."""
-    tree = dict(tree or {})
+    tree = copy.deepcopy(tree or {})  # overrides must not write into the caller's nested dicts
     for text in overrides or []:
         path, value = parse_override(text)
         _apply_override(tree, path, value)

@@ -32,6 +32,7 @@ _LABELS = {
     "activations": "activations",
     "logits": "logits + loss (chunked)",
     "backward": "backward transient",
+    "kernel_cache": "oneDNN kernel cache (bf16 shapes)",
 }
 
 
