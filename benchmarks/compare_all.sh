@@ -16,6 +16,8 @@ tunelab compare examples/compare.yaml --out "$OUT" --methods "${METHODS:-$ALL}" 
   --set prefix:method.prefix_projection=true --set prefix:train.lr=3e-3 \
   --set prompt:train.lr=3e-2 --set prompt:method.prompt_init_text="You are Tuna, an assistant trained with tunelab." \
   --set ptuning:train.lr=1e-2 --set ptuning_v2:train.lr=3e-3 \
+  --set ptuning_v2:method.prompt_init_text="You are Tuna, an assistant trained with tunelab." \
+  --set mam:method.prompt_init_text="You are Tuna, an assistant trained with tunelab." \
   --set adapter_fusion:method.fusion_adapters=[runs/compare/houlsby,runs/compare/pfeiffer] \
   --set adapter_fusion:train.lr=5e-5 --set mam:train.lr=3e-3 \
   --set freeze:train.lr=2e-4 --set full:train.lr=5e-5

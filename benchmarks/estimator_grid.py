@@ -11,7 +11,7 @@ largest absolute error over the measured points (re-evaluating the formula only;
 is retrained) and prints them; copy them into ``Calibration``'s defaults. ``--reuse``
 skips the measurements and uses the peaks stored in estimator_grid.json.
 
-Usage (from the repository root; 10-60 s per 3-step point and 4-5 min per 50-step point on
+Usage (from the repository root; 6-25 s per 3-step point and about 2 min per 50-step point on
 2 shared cores)::
 
     . .venv/bin/activate
@@ -120,9 +120,10 @@ def fit(rows: dict[str, Any], points: list) -> Calibration:
     where the LM-head term hides it on SmolLM2.
     """
     best, best_score = Calibration(), (float("inf"), float("inf"))
-    for loss, backward, runtime, cache in itertools.product(
-            (10.0, 11.0, 12.0, 13.0, 14.0), (0.5, 1.0, 1.5, 2.0), range(0, 140, 10), range(0, 45, 5)):
-        candidate = Calibration(loss, backward, runtime * 2**20, cache * 2**20)
+    for loss, backward, runtime, cache, allocator, files, reorder in itertools.product(
+            (14.0, 16.0, 18.0), (0.5,), range(0, 140, 20), range(20, 70, 10),
+            (1.1, 1.2, 1.3, 1.4), (0.85, 0.9, 0.95), (0.0, 0.25, 0.5, 0.75, 1.0)):
+        candidate = Calibration(loss, backward, runtime * 2**20, cache * 2**20, allocator, files, reorder)
         errors = [abs(r["error_pct"]) for r in evaluate(rows, points, candidate)]
         score = (round(max(errors), 1), sum(errors) / len(errors))
         if score < best_score:
@@ -136,7 +137,7 @@ def markdown(table: list[dict[str, Any]], holdout: list[dict[str, Any]], calibra
              f"SmolLM2-135M-Instruct, {MEASURE_STEPS} optimizer steps per run unless named, "
              "benchmarks/data/alpaca_bench.json, "
              "CPU (peak RSS of the training process via os.wait4), bf16 autocast.",
-             "Measured with `HF_HUB_OFFLINE=1 python benchmarks/estimator_grid.py` (every point, ~20 min on 2 "
+             "Measured with `HF_HUB_OFFLINE=1 python benchmarks/estimator_grid.py` (every point, ~6 min on 2 "
              "shared cores); the calibration was fitted on the first table only with `--reuse --fit`. "
              f"Calibration: `{calibration}`.", "",
              "| config | predicted | measured | error % |", "|---|---:|---:|---:|"]

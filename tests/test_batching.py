@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tunelab.data.batching import (collate, collate_pairs, collate_unpaired, model_inputs, plan_batches)
+from tunelab.data.batching import (PadWidth, collate, collate_pairs, collate_unpaired, model_inputs,
+                                   plan_batches)
 from tunelab.data.records import Example, PairExample, UnpairedExample
 from tunelab.data.tokenize import IGNORE
 
@@ -61,6 +62,27 @@ def test_packed_layout(tokenizer):
     labels = collate(full, PAD, packing=True)["labels"][0]
     assert [labels[s].item() for s in starts] == [IGNORE] * len(EXAMPLES)
     assert (labels != IGNORE).sum().item() == total - len(EXAMPLES)
+
+
+def test_rounded_width_keeps_the_per_example_losses(model):
+    """Extra pads after every real token change nothing: right padding, causal attention, no labels."""
+    batch = collate(EXAMPLES, PAD, packing=False, pad_width=PadWidth(16))
+    assert batch["input_ids"].shape[1] == 32 and batch["padding_mask"].sum() == sum(len(e.input_ids) for e in EXAMPLES)
+    torch.testing.assert_close(_token_losses(model, batch), _alone(model, EXAMPLES), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("multiple, limit, longest, width", [
+    (64, None, 65, 128), (64, None, 128, 128), (64, 100, 70, 100), (64, 100, 100, 100), (1, None, 37, 37),
+])
+def test_pad_width_rounds_up_but_never_beyond_max_length(multiple, limit, longest, width):
+    assert PadWidth(multiple, limit).of(longest) == width
+
+
+def test_rounded_pairs_index_every_padded_position():
+    pairs = [PairExample(EXAMPLES[0], EXAMPLES[1])]
+    batch = collate_pairs(pairs, PAD, False, PadWidth(8))
+    assert batch["sequence_index"].shape == batch["input_ids"].shape == (2, 16)
+    assert batch["sequence_index"][1].tolist() == [1] * 7 + [-1] * 9
 
 
 def test_padded_layout():

@@ -80,9 +80,11 @@ def test_gradient_checkpointing_lowers_activations(run_tree):
 
 
 def test_kernel_cache_counts_new_batch_shapes_in_bf16_only(run_tree):
-    bf16 = cpu_estimate(run_tree, "train.precision=bf16", "data.packing=false")
+    bf16 = cpu_estimate(run_tree, "train.precision=bf16", "data.packing=false", "data.pad_to_multiple_of=1")
     shapes = {(b.rows, b.width) for b in bf16.workload.batches}
     assert len(shapes) > 1
+    rounded = cpu_estimate(run_tree, "train.precision=bf16", "data.packing=false", "data.pad_to_multiple_of=16")
+    assert {b.width % 16 for b in rounded.workload.batches} == {0}
     per_shape = bf16.calibration.kernel_cache_bytes_per_shape
     assert bf16.to_dict()["breakdown"]["kernel_cache"] <= len(shapes) * per_shape + 1
     assert bf16.to_dict()["breakdown"]["kernel_cache"] >= per_shape - 1

@@ -289,6 +289,83 @@ def test_prompt_text_init_uses_the_token_embeddings(tokenizer):
     assert torch.equal(model.prompt_encoder["default"].embedding.weight, expected)
 
 
+@pytest.mark.parametrize("name", ["prefix", "ptuning_v2", "mam"])
+def test_prefix_text_init_equals_writing_the_text_before_the_input(tokenizer, ids, name):
+    """The initial key/value table is the base's own for the text, so the fresh model starts at
+    exactly the base model reading text + input (positions continue after the prefix)."""
+    text = "capital of France"
+    method = make_method(name, num_virtual_tokens=6, prompt_init_text=text)
+    model = method.apply(tiny_llama(len(tokenizer)), tokenizer)
+    text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    prefix = torch.tensor((text_ids * 6)[:6]).expand(ids.shape[0], -1)
+    expected = logits_of(tiny_llama(len(tokenizer)), torch.cat([prefix, ids], dim=1))[:, 6:]
+    assert max_diff(logits_of(model, ids), expected) < 1e-5
+    assert model.prompt_encoder["default"].embedding.weight.requires_grad
+
+
+def test_prefix_text_init_refuses_a_projected_prefix(tokenizer):
+    method = make_method("prefix", prefix_projection=True, prompt_init_text="capital of France")
+    with pytest.raises(ConfigError, match="prefix_projection: true"):
+        method.apply(tiny_llama(len(tokenizer)), tokenizer)
+
+
+def _peft_and_fused(tokenizer, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
+    """The same trained-looking LoRA model twice: PEFT's forward and the fused one."""
+    from tunelab.methods.lora_fused import FusedLoraLinear
+
+    models = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = make_method("lora", dropout=0.0).apply(tiny_llama(len(tokenizer)).to(dtype), tokenizer)
+        with torch.no_grad():  # B starts at zero; give the update something to add
+            for name, param in model.named_parameters():
+                if ".lora_B." in name:
+                    param.copy_(0.1 * torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))))
+        for module in model.modules():
+            if not fused and isinstance(module, FusedLoraLinear):
+                module.__class__ = FusedLoraLinear.__mro__[1]  # back to PEFT's own Linear
+        models.append(model)
+    return models[0], models[1]
+
+
+def _logits_and_grads(model: nn.Module, ids: torch.Tensor, autocast: bool):
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(input_ids=ids).logits.float()
+    logits.logsumexp(-1).mean().backward()
+    return logits, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_fused_lora_forward_matches_peft_in_fp32(tokenizer, ids):
+    """Same logits and adapter gradients as PEFT's forward."""
+    (peft_logits, peft_grads), (fused_logits, fused_grads) = [
+        _logits_and_grads(model, ids, autocast=False) for model in _peft_and_fused(tokenizer, torch.float32)]
+    assert max_diff(peft_logits, fused_logits) < 1e-5
+    for name, grad in peft_grads.items():
+        assert max_diff(grad, fused_grads[name]) < 1e-5 * max(1.0, float(grad.abs().max())), name
+
+
+def test_fused_lora_forward_is_as_accurate_as_peft_under_bf16_autocast(tokenizer, ids):
+    """On a bf16 base under autocast both round differently; the fused one (scaling on r
+    numbers, one fp32-accumulated addmm) must be at least as close to the fp32 result."""
+    reference, _ = _logits_and_grads(_peft_and_fused(tokenizer, torch.float32)[1], ids, autocast=False)
+    errors = [max_diff(_logits_and_grads(model, ids, autocast=True)[0], reference)
+              for model in _peft_and_fused(tokenizer, torch.bfloat16)]
+    assert errors[1] <= 1.25 * errors[0], errors
+
+
+def test_fused_lora_falls_back_where_it_cannot_fuse(tokenizer, ids):
+    """A disabled adapter, a merged one, or a bf16 input to fp32 adapters without autocast use PEFT's path."""
+    peft_model, fused_model = _peft_and_fused(tokenizer, torch.float32)
+    with fused_model.disable_adapter(), peft_model.disable_adapter():
+        assert torch.equal(logits_of(fused_model, ids), logits_of(peft_model, ids))
+    bf16_peft, bf16_fused = _peft_and_fused(tokenizer, torch.bfloat16)
+    assert torch.equal(logits_of(bf16_fused, ids), logits_of(bf16_peft, ids))  # PEFT casts the input itself
+    expected = logits_of(fused_model, ids)
+    fused_model.merge_adapter()
+    assert max_diff(logits_of(fused_model, ids), expected) < 1e-4
+
+
 def test_prompt_methods_declare_their_limits():
     assert not make_method("prefix").supports_gradient_checkpointing
     assert not make_method("ptuning_v2").supports_gradient_checkpointing
@@ -314,12 +391,21 @@ def quantized_dir(tokenizer, tmp_path_factory) -> Path:
     return path
 
 
-def load_4bit(path: Path) -> nn.Module:
+def load_4bit(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.float32)
+                               bnb_4bit_compute_dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype, prepared", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
+def test_qlora_keeps_bf16_float_parts_and_upcasts_fp16_ones(quantized_dir, tokenizer, dtype, prepared):
+    """bf16 parts are what a bf16-autocast run loads on purpose; fp16 ones would overflow."""
+    pytest.importorskip("bitsandbytes")
+    model = make_method("qlora").apply(load_4bit(quantized_dir, dtype), tokenizer)
+    assert model.get_input_embeddings().weight.dtype == prepared
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
 
 
 def test_qlora_trains_on_a_4bit_base_and_merges_into_a_float_model(quantized_dir, tokenizer, ids, tmp_path):

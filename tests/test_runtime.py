@@ -30,3 +30,44 @@ def test_auto_precision_on_cpu_uses_bf16_only_with_bf16_units(monkeypatch, bf16_
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(runtime, "cpu_has_bf16_units", lambda: bf16_units)
     assert resolve_precision("auto") == expected
+
+
+@pytest.mark.parametrize("name, mixed, trains_base, expected", [
+    ("auto", "bf16", False, "bfloat16"),   # frozen base: computed in bf16 anyway, so stored in bf16
+    ("auto", "bf16", True, "float32"),     # full/freeze: fp32 master weights
+    ("auto", "no", False, "float32"),
+    ("auto", "fp16", False, "float32"),    # fp16 activations of a bf16-trained base can overflow
+    ("float16", "bf16", True, "float16"),  # an explicit model.dtype wins
+])
+def test_training_dtype(name, mixed, trains_base, expected):
+    import torch
+
+    from tunelab.models.loader import training_dtype
+
+    assert training_dtype(name, mixed, trains_base) == getattr(torch, expected)
+
+
+def test_trainer_loads_a_frozen_base_in_bf16_and_keeps_fp32_trainable_weights(tmp_path, monkeypatch):
+    """Under bf16 autocast a LoRA run holds its base in bf16; full fine-tuning keeps fp32 master weights."""
+    import torch
+
+    from tunelab.config import build_config
+    from tunelab.testing.tiny import save_tiny_model_dir
+    from tunelab.train import runtime
+    from tunelab.train.loop import Trainer
+
+    monkeypatch.setattr(runtime, "resolve_precision", lambda precision: "bf16")
+    model_dir = save_tiny_model_dir(tmp_path / "model")
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"instruction": "hi", "output": "hello there"}\n' * 4, encoding="utf-8")
+    for method in ("lora", "houlsby", "prefix", "full"):
+        cfg = build_config({"model": {"name_or_path": str(model_dir)}, "method": {"type": method},
+                            "data": {"train": [str(data)], "max_length": 32}, "train": {"max_steps": 1},
+                            "output_dir": str(tmp_path / method)})
+        trainer = Trainer(cfg)
+        params = list(trainer.model.named_parameters())
+        assert {p.dtype for _, p in params if p.requires_grad} == {torch.float32}, method
+        frozen = {p.dtype for _, p in params if not p.requires_grad}
+        assert frozen == (set() if method == "full" else {torch.bfloat16}), method
+        batch = trainer._collate([0, 1], trainer.data.train)
+        assert batch["input_ids"].shape[1] == 32  # rounded up to 64, capped at max_length

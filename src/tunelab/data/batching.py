@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -41,6 +42,27 @@ MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
 GROUP_CHUNK_BATCHES = 50
 
 Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PadWidth:
+    """How wide a padded batch is: its longest row, rounded up to a ``multiple``, never
+    beyond ``limit`` (``data.max_length``: positions the model is configured for).
+
+    Why round: on CPU, oneDNN compiles and caches matmul kernels per matrix shape, so
+    batches of a few distinct widths reuse compiled kernels where every new width pays for
+    new ones and keeps them in memory. On the speed job (SmolLM2 LoRA, 50 steps) rounding
+    to 64 raised 396 -> 431 real tokens/s. GPUs prefer such multiples too (tensor cores).
+    The extra pads cost nothing in correctness: they come after every real token (right
+    padding, causal attention) and carry no labels.
+    """
+
+    multiple: int = 1
+    limit: int | None = None
+
+    def of(self, longest: int) -> int:
+        width = -(-longest // self.multiple) * self.multiple
+        return max(longest, min(width, self.limit)) if self.limit is not None else width
 
 
 def model_inputs(batch: Batch) -> dict[str, object]:
@@ -63,8 +85,8 @@ def _packed(examples: Sequence[Example]) -> Batch:
             "position_ids": torch.tensor([positions], dtype=torch.long)}
 
 
-def _padded(examples: Sequence[Example], pad_id: int) -> Batch:
-    rows, width = len(examples), max((len(e.input_ids) for e in examples), default=0)
+def _padded(examples: Sequence[Example], pad_id: int, pad_width: PadWidth) -> Batch:
+    rows, width = len(examples), pad_width.of(max((len(e.input_ids) for e in examples), default=0))
     ids = torch.full((rows, width), pad_id, dtype=torch.long)
     labels = torch.full((rows, width), IGNORE, dtype=torch.long)
     mask = torch.zeros((rows, width), dtype=torch.long)
@@ -77,38 +99,39 @@ def _padded(examples: Sequence[Example], pad_id: int) -> Batch:
     return {"input_ids": ids, "labels": labels, "position_ids": positions, "padding_mask": mask}
 
 
-def collate(examples: Sequence[Example], pad_id: int, packing: bool) -> Batch:
+def collate(examples: Sequence[Example], pad_id: int, packing: bool, pad_width: PadWidth = PadWidth()) -> Batch:
     """One causal-LM batch: packed into a single padding-free row, or right-padded rows."""
     if not examples:
         raise ValueError("cannot collate an empty batch")
-    return _packed(examples) if packing else _padded(examples, pad_id)
+    return _packed(examples) if packing else _padded(examples, pad_id, pad_width)
 
 
-def _sequence_index(examples: Sequence[Example], packing: bool) -> torch.Tensor:
+def _sequence_index(examples: Sequence[Example], packing: bool, width: int) -> torch.Tensor:
     if packing:
         return torch.tensor([[i for i, e in enumerate(examples) for _ in e.input_ids]], dtype=torch.long)
-    width = max(len(e.input_ids) for e in examples)
     index = torch.full((len(examples), width), -1, dtype=torch.long)
     for row, example in enumerate(examples):
         index[row, :len(example.input_ids)] = row
     return index
 
 
-def _collate_sequences(examples: Sequence[Example], pad_id: int, packing: bool) -> Batch:
-    batch = collate(examples, pad_id, packing)
-    batch["sequence_index"] = _sequence_index(examples, packing)
+def _collate_sequences(examples: Sequence[Example], pad_id: int, packing: bool, pad_width: PadWidth) -> Batch:
+    batch = collate(examples, pad_id, packing, pad_width)
+    batch["sequence_index"] = _sequence_index(examples, packing, batch["input_ids"].shape[1])
     batch["num_sequences"] = torch.tensor(len(examples), dtype=torch.long)
     return batch
 
 
-def collate_pairs(pairs: Sequence[PairExample], pad_id: int, packing: bool) -> Batch:
+def collate_pairs(pairs: Sequence[PairExample], pad_id: int, packing: bool, pad_width: PadWidth = PadWidth()
+                  ) -> Batch:
     """rm/dpo: 2N sequences, all chosen first, then all rejected (so ``chosen = x[:N]``)."""
-    return _collate_sequences([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, packing)
+    return _collate_sequences([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, packing, pad_width)
 
 
-def collate_unpaired(items: Sequence[UnpairedExample], pad_id: int, packing: bool) -> Batch:
+def collate_unpaired(items: Sequence[UnpairedExample], pad_id: int, packing: bool,
+                     pad_width: PadWidth = PadWidth()) -> Batch:
     """kto: N sequences plus whether each answer is desirable."""
-    batch = _collate_sequences([item.example for item in items], pad_id, packing)
+    batch = _collate_sequences([item.example for item in items], pad_id, packing, pad_width)
     batch["desirable"] = torch.tensor([item.desirable for item in items], dtype=torch.bool)
     return batch
 
@@ -139,10 +162,11 @@ def plan_batches(lengths: Sequence[int], batch_size: int, shuffle: bool, seed: i
     return batches
 
 
-def collate_examples(items: Sequence[Example | PairExample | UnpairedExample], pad_id: int, packing: bool) -> Batch:
+def collate_examples(items: Sequence[Example | PairExample | UnpairedExample], pad_id: int, packing: bool,
+                     pad_width: PadWidth = PadWidth()) -> Batch:
     """Collate whichever kind of tokenized example a stage produces."""
     if isinstance(items[0], PairExample):
-        return collate_pairs(items, pad_id, packing)  # type: ignore[arg-type]
+        return collate_pairs(items, pad_id, packing, pad_width)  # type: ignore[arg-type]
     if isinstance(items[0], UnpairedExample):
-        return collate_unpaired(items, pad_id, packing)  # type: ignore[arg-type]
-    return collate(items, pad_id, packing)  # type: ignore[arg-type]
+        return collate_unpaired(items, pad_id, packing, pad_width)  # type: ignore[arg-type]
+    return collate(items, pad_id, packing, pad_width)  # type: ignore[arg-type]

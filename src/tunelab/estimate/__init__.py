@@ -23,6 +23,7 @@ _LABELS = {
     "framework": "framework (Python, torch, transformers)",
     "dataset": "tokenized dataset",
     "weights": "weights",
+    "weight_files": "checkpoint files being loaded",
     "gathered_layers": "gathered layers (ZeRO-3)",
     "reference_model": "reference model (frozen copy)",
     "autocast_copies": "16-bit weight copies (autocast)",
@@ -33,6 +34,8 @@ _LABELS = {
     "logits": "logits + loss (chunked)",
     "backward": "backward transient",
     "kernel_cache": "oneDNN kernel cache (bf16 shapes)",
+    "allocator": "allocator slack (glibc heap)",
+    "weight_reorders": "oneDNN reordered bf16 weights",
 }
 
 

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from tunelab.config import RunConfig
+from tunelab.config import ModelConfig, RunConfig
 from tunelab.errors import ConfigError
 from tunelab.estimate.baseline import framework_bytes
 from tunelab.estimate.formula import Breakdown, Calibration, Precision, Settings, Target, peak_breakdown
 from tunelab.estimate.skeleton import ModelFacts, model_facts
 from tunelab.estimate.workload import Workload, load_workload
 from tunelab.methods.base import get_method
-from tunelab.models.loader import load_tokenizer, resolve_dtype
+from tunelab.models.loader import load_tokenizer, materialize, resolve_source, training_dtype
 from tunelab.train.runtime import packing_enabled, resolve_precision
 
 _DEVICE = re.compile(r"^(cpu|cuda)(?::(\d+(?:\.\d+)?)\s*(gb|gib|g)?)?$", re.IGNORECASE)
@@ -35,6 +36,7 @@ class MemoryEstimate:
     framework: int
     calibration: Calibration = Calibration()
     notes: list[str] = field(default_factory=list)
+    weight_file_bytes: int = 0  # the checkpoint files the loader maps (CPU load peak)
 
     def evaluate(self, calibration: Calibration) -> Breakdown:
         """The peak breakdown under ``calibration`` (no data or model work: formula only)."""
@@ -42,7 +44,8 @@ class MemoryEstimate:
         run = Settings(precision=self.precision, target=self.target, optimizer=cfg.train.optimizer,
                        checkpointing=cfg.train.gradient_checkpointing, chunk=cfg.train.loss_chunk_size,
                        grad_accum=cfg.train.grad_accum, framework=self.framework, calibration=calibration,
-                       reference_copy=cfg.stage in ("dpo", "kto") and cfg.method.type in ("full", "freeze"))
+                       reference_copy=cfg.stage in ("dpo", "kto") and cfg.method.type in ("full", "freeze"),
+                       weight_file_bytes=self.weight_file_bytes)
         return peak_breakdown(self.facts, self.workload, run)
 
     @property
@@ -117,10 +120,8 @@ def _physical_memory() -> int | None:
 
 
 def weight_dtype(cfg: RunConfig, target: Target) -> torch.dtype:
-    """The dtype the loader gives the float weights on ``target`` (bf16 on GPUs for ``auto``)."""
-    if cfg.model.dtype == "auto" and target.device == "cuda":
-        return torch.bfloat16
-    return resolve_dtype(cfg.model.dtype, torch.device("cpu"))
+    """The dtype the trainer gives the float weights on ``target`` (``loader.training_dtype``)."""
+    return training_dtype(cfg.model.dtype, mixed_precision(cfg, target), get_method(cfg.method).trains_base_weights)
 
 
 def mixed_precision(cfg: RunConfig, target: Target) -> str:
@@ -174,4 +175,13 @@ def estimate(cfg: RunConfig, target: Target, *, framework: int | None = None,
                      "memory instead of failing.")
     if target.device == "cuda":
         notes.append("CUDA: predicted torch.cuda.max_memory_allocated; the CUDA context (~0.5 GiB) comes on top.")
-    return MemoryEstimate(cfg, target, facts, workload, precision, framework, calibration, notes)
+    return MemoryEstimate(cfg, target, facts, workload, precision, framework, calibration, notes,
+                          weight_file_bytes(cfg.model))
+
+
+def weight_file_bytes(model: ModelConfig) -> int:
+    """Bytes of the checkpoint files the loader reads. They are memory-mapped, so while the
+    model loads (and is converted to its training dtype) they are resident next to it."""
+    directory = Path(materialize(resolve_source(model.name_or_path, model.gguf_file)))
+    files = list(directory.glob("*.safetensors")) or list(directory.glob("*.bin"))
+    return sum(f.stat().st_size for f in files)

@@ -32,7 +32,8 @@ Terms (peak = the largest of the phase totals below):
   Created at the first step, so live in every later forward. ZeRO-1+ divide by N.
 - ``activations``: per layer on the gradient path, bytes per position::
 
-      a = 2h*b_r                    inputs of the two RMSNorms (residual stream)
+      a = 2h*4                      the two RMSNorms' fp32 inputs (they compute in fp32
+                                    whatever the model's dtype, so a bf16 residual is upcast)
         + (2q + 2kv')*b             attention: rotated queries, output, keys, values
         + 3i*b                      MLP: gate output, its SiLU, up output
         + sum(inputs of trainable linears)*b   (LoRA A/B, full/freeze weights, adapters;
@@ -55,13 +56,18 @@ Terms (peak = the largest of the phase totals below):
   bytes (calibrated ``k_loss``), plus the head's bf16 weight copy under CPU autocast.
 - ``backward``: the transient gradients of one layer while backward walks down, plus
   the recomputed layer under checkpointing: ``k_bwd x P x a`` (calibrated).
-- No allocator term: the trainer fixes glibc's mmap threshold
-  (``tunelab.train.runtime.limit_heap_fragmentation``), so every large tensor is its own
-  mapping, returned on free, and resident memory tracks live tensors (a multiplicative
-  allocator factor, fitted as a free constant on the grid, came out at 1.00; with glibc's
-  default threshold the same runs needed 1.2-1.35 and grew step after step). On CUDA the estimate is
+- ``allocator`` (CPU): glibc keeps freed activation blocks in its heap for reuse, so
+  resident memory exceeds the live tensors of a step by a calibrated fraction
+  ``k_alloc - 1`` of the step's dynamic bytes (activations + logits/backward). The trainer
+  leaves glibc's default (dynamic) mmap threshold in place: fixing it low returned every
+  large block to the OS but made each new tensor fault its pages in again, which cost
+  40% of the speed job's step time (measured). On CUDA the estimate is
   ``torch.cuda.max_memory_allocated`` (live tensors); the CUDA context (~0.5 GiB) is
   outside it.
+
+- ``weight_reorders`` (CPU, frozen base held in bf16): oneDNN multiplies bf16 weights in
+  its own blocked layout and keeps the reordered copies; a calibrated ``k_reorder`` x the
+  bytes of the frozen linear weights.
 
 - ``kernel_cache`` (CPU, bf16 autocast): oneDNN JIT-compiles bf16 kernels for every new
   matmul shape and keeps them (up to 1024 primitives). Every micro-batch of a new
@@ -69,7 +75,9 @@ Terms (peak = the largest of the phase totals below):
   ``k_cache`` per distinct shape seen so far (capped at ~50 shapes). fp32 runs use MKL and
   do not grow (measured: +0.06 GB over a 50-step fp32 run against +0.5 GB in bf16).
 
-Phases: ``forward`` = framework + dataset + weights + optimizer (+ gradients with
+Phases (CPU also has ``model load`` = framework + weights + the checkpoint files, which
+are memory-mapped while the weights are converted to the training dtype; for a small run
+on a bf16 base loaded from fp32 files this is the peak): ``forward`` = framework + dataset + weights + optimizer (+ gradients with
 accumulation) + autocast copies + activations + max(logits, backward) (+ a frozen
 ``reference_model`` copy of the weights for full/freeze DPO and KTO);
 ``optimizer step`` = framework + dataset + weights + gradients + optimizer + AdamW's
@@ -95,23 +103,31 @@ BNB_MIN_8BIT_SIZE = 4096
 #: step creates roughly 20 new ones (7 projections x forward, input and weight gradients)
 #: per new batch shape, so the cache stops growing after about 50 shapes.
 ONEDNN_CACHE_SHAPES = 50
+#: Llama-style RMSNorms upcast their input to fp32 and keep that copy for backward.
+NORM_BYTES = 4
 
 
 @dataclass(frozen=True)
 class Calibration:
     """Constants fitted with ``benchmarks/estimator_grid.py --fit`` (2-core x86 CPU with AMX,
-    torch 2.13, transformers 5.23): worst |error| 3.5% over the 20 grid runs, 4.0% over the
-    7 held-out runs."""
+    torch 2.13, transformers 5.23, frozen bases held in bf16): worst |error| 10.1% over the
+    20 grid runs; 6 of the 7 held-out runs within 15% (the seventh at +15.2%)."""
 
     #: bytes per logit of one LM-head chunk at its peak (bf16 logits, fp32 copy,
     #: log-softmax, their gradients)
-    loss_bytes_per_logit: float = 12.0
+    loss_bytes_per_logit: float = 18.0
     #: backward transient, in layers' worth of saved activations
     backward_layers: float = 0.5
     #: tokenizer, accelerator, method objects and the like beyond the import baseline
-    runtime_bytes: int = 20 * 2**20
+    runtime_bytes: int = 0
     #: CPU bf16: resident bytes oneDNN's kernel cache adds per new micro-batch shape
-    kernel_cache_bytes_per_shape: float = 20 * 2**20
+    kernel_cache_bytes_per_shape: float = 60 * 2**20
+    #: CPU: resident bytes per live byte of a step's dynamic tensors (glibc heap slack)
+    allocator_factor: float = 1.2
+    #: CPU: share of the memory-mapped checkpoint files resident at the model-load peak
+    weight_file_fraction: float = 0.9
+    #: CPU, 16-bit frozen weights: oneDNN's reordered (blocked) copies of them, per weight byte
+    weight_reorder_factor: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -150,7 +166,7 @@ def layer_bytes_per_position(facts: ModelFacts, layer: int, precision: Precision
     """``a``: bytes one decoder layer keeps for backward per computed position."""
     b, b_r = precision.activation, precision.residual
     kv = facts.q_dim if masked else facts.kv_dim
-    total = 2 * facts.hidden * b_r + (2 * facts.q_dim + 2 * kv) * b + 3 * facts.intermediate * b
+    total = 2 * facts.hidden * NORM_BYTES + (2 * facts.q_dim + 2 * kv) * b + 3 * facts.intermediate * b
     saved = facts.saved_inputs[layer]
     if b != b_r:  # each linear casts the residual-dtype input to b bytes itself
         total += sum(s.features for s in saved) * b
@@ -241,6 +257,7 @@ class Settings:
     framework: int
     calibration: Calibration
     reference_copy: bool = False  # full/freeze DPO and KTO keep a frozen copy of the starting model
+    weight_file_bytes: int = 0  # checkpoint files mapped while the model loads (CPU)
 
 
 def _fixed_terms(facts: ModelFacts, workload: Workload, run: Settings) -> dict[str, float]:
@@ -266,11 +283,33 @@ def forward_terms(facts: ModelFacts, workload: Workload, batch: MicroBatch, run:
     copies = autocast_copy_bytes(facts, run.precision, run.checkpointing)
     logits = logits_bytes(facts, batch, run.chunk, run.precision, cal)
     backward = cal.backward_layers * largest * (2 if run.checkpointing else 1)
+    slack = (cal.allocator_factor - 1) * (saved + max(logits, backward)) if run.target.device == "cpu" else 0
+    reorders = cal.weight_reorder_factor * 2 * sum(facts.frozen_linear_weights) if _onednn_bf16_weights(run) else 0
     return {**_fixed_terms(facts, workload, run),
             "optimizer": _shard(optimizer_bytes(facts, run.optimizer), run.target, 1) if with_states else 0,
             "gradients": _shard(facts.trainable_bytes, run.target, 2) if with_grads else 0,
             "autocast_copies": copies, "activations": saved,
-            "logits": logits if logits >= backward else 0, "backward": backward if backward > logits else 0}
+            "logits": logits if logits >= backward else 0, "backward": backward if backward > logits else 0,
+            "allocator": slack, "weight_reorders": reorders}
+
+
+def converted_file_bytes(facts: ModelFacts, run: Settings) -> float:
+    """Checkpoint pages resident next to the loaded weights while the model loads.
+
+    Only a conversion (another dtype, or quantization) holds both: the mapped file is read
+    while the converted tensors are built. Loading in the file's own dtype leaves one copy
+    (measured: an fp32 freeze run from fp32 files peaks below framework + weights + files).
+    Sizes tell the two apart: the same parameters in another dtype take other bytes.
+    """
+    files, weights = run.weight_file_bytes, sum(facts.weight_bytes.values())
+    if abs(files - weights) <= 0.05 * files:
+        return 0.0
+    return files * run.calibration.weight_file_fraction
+
+
+def _onednn_bf16_weights(run: Settings) -> bool:
+    """CPU runs whose frozen weights are stored in 16 bits and multiplied by oneDNN in bf16."""
+    return run.target.device == "cpu" and run.precision.activation == 2 and run.precision.residual == 2
 
 
 def step_terms(facts: ModelFacts, workload: Workload, run: Settings) -> dict[str, float]:
@@ -315,4 +354,9 @@ def peak_breakdown(facts: ModelFacts, workload: Workload, run: Settings) -> Brea
     step = {**step_terms(facts, workload, run), "kernel_cache": kernel_cache_bytes(len(shapes), run)}
     if best is None or sum(step.values()) > best.total:
         best = Breakdown(step, "optimizer step", max(workload.batches, key=lambda b: b.positions))
+    if run.target.device == "cpu":
+        loading = {"framework": run.framework, **weight_terms(facts, run.target),
+                   "weight_files": converted_file_bytes(facts, run)}
+        if sum(loading.values()) > best.total:
+            best = Breakdown(loading, "model load", best.batch)
     return Breakdown({k: int(round(v)) for k, v in best.terms.items()}, best.phase, best.batch)

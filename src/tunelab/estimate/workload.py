@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from tunelab.config import RunConfig
-from tunelab.data.batching import IGNORE
+from tunelab.data.batching import IGNORE, PadWidth
 from tunelab.data.pipeline import DataBundle, build_data, example_length
 from tunelab.data.records import Example, PairExample, UnpairedExample
 from tunelab.train.loop import MicroBatches, total_steps
@@ -75,12 +75,12 @@ def _supervised(sequence: Example) -> int:
     return sum(1 for label in sequence.labels[1:] if label != IGNORE)
 
 
-def shape_of(examples: Iterable[Any], packed: bool) -> MicroBatch:
+def shape_of(examples: Iterable[Any], packed: bool, pad_width: PadWidth = PadWidth()) -> MicroBatch:
     """The micro-batch that the batcher (:mod:`tunelab.data.batching`) builds from ``examples``."""
     sequences = [s for e in examples for s in _sequences(e)]
     lengths = [len(s.input_ids) for s in sequences]
     tokens = sum(lengths)
-    rows, width = (1, tokens) if packed else (len(lengths), max(lengths))
+    rows, width = (1, tokens) if packed else (len(lengths), pad_width.of(max(lengths)))
     return MicroBatch(rows=rows, width=width, tokens=tokens,
                       supervised=sum(_supervised(s) for s in sequences), sequences=len(sequences))
 
@@ -92,9 +92,10 @@ def plan(cfg: RunConfig, data: DataBundle, packed: bool) -> Workload:
     steps = total_steps(cfg, stream.per_epoch)
     batches = []
     iterator = stream.iterate(0, 0)
+    pad_width = PadWidth(cfg.data.pad_to_multiple_of, cfg.data.max_length)
     for _ in range(steps * cfg.train.grad_accum):
         _, _, indices = next(iterator)
-        batches.append(shape_of([data.train[i] for i in indices], packed))
+        batches.append(shape_of([data.train[i] for i in indices], packed, pad_width))
     tokens = sum(len(s.input_ids) for e in data.train for s in _sequences(e))
     return Workload(batches=batches, packed=packed, steps=steps, examples=len(data.train),
                     mean_length=tokens / max(len(data.train), 1),

@@ -42,6 +42,9 @@ class Method:
     supports_gradient_checkpointing: bool = True
     #: Whether padding-free packed batches work (PEFT prompt learning ignores position ids).
     supports_packing: bool = True
+    #: Whether base-model weights train (full, freeze). Those keep fp32 master weights; a
+    #: frozen base is loaded in the autocast dtype (see ``models.loader.training_dtype``).
+    trains_base_weights: bool = False
     #: Where :meth:`save` writes inside the run directory.
     save_subdir: str = "adapter"
 

@@ -33,6 +33,7 @@ from tunelab.methods.bottleneck_layout import DecoderLayout, attach, find_attach
 from tunelab.methods.bottleneck_modules import AdapterSet
 from tunelab.methods.bottleneck_spec import (FUSABLE, SPEC_FILE, WEIGHTS_FILE, AdapterSpec, SavedAdapter, build_spec,
                                              read_saved, unit_from_config)
+from tunelab.methods.prompts import init_prefix_from_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -151,12 +152,20 @@ def _refuse_mismatch(path: Path, have: dict[str, Any], want: dict[str, Any]) -> 
 @register("mam")
 class MixAndMatch(BottleneckAdapter):
     """MAM adapter (He et al. 2022): PEFT prefix-tuning on attention plus a native parallel
-    adapter beside the MLP. The prefix is random at init (PEFT's), so unlike the other
-    types a fresh MAM model equals the prefix-only model, not the bare base. The hooks sit
-    on the base model inside the PEFT wrapper, so both parts run in every forward."""
+    adapter beside the MLP. The prefix starts random (PEFT's) or at the base's key/values of
+    ``method.prompt_init_text``, so unlike the other types a fresh MAM model equals the
+    prefix-only model, not the bare base. The hooks sit on the base model inside the PEFT
+    wrapper, so both parts run in every forward."""
 
     supports_gradient_checkpointing = False  # PEFT refuses prefix-tuning on a checkpointing model
     supports_packing = False  # the PEFT prefix turns transformers' packed-sequence detection off
+
+    def apply(self, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase") -> nn.Module:
+        """The fresh or continued adapters; a fresh prefix may start from ``prompt_init_text``."""
+        wrapped = super().apply(model, tokenizer)
+        if self.cfg.init_from is None:
+            init_prefix_from_text(wrapped, tokenizer, self.cfg)
+        return wrapped
 
     def _extra_structure(self, saved_config: dict[str, Any]) -> dict[str, Any]:
         return {"num_virtual_tokens": saved_config.get("num_virtual_tokens")}

@@ -33,6 +33,7 @@ class Full(Method):
     """All parameters trainable."""
 
     mergeable = True
+    trains_base_weights = True
     save_subdir = "model"
 
     def select_trainable(self, model: nn.Module) -> None:

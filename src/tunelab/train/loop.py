@@ -15,23 +15,26 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import nn
 
 from tunelab.config import RunConfig, save_config
-from tunelab.data.batching import collate_examples, plan_batches
+from tunelab.data.batching import PadWidth, collate_examples, plan_batches
 from tunelab.data.pipeline import DataBundle, build_data, example_length
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.methods.base import Method, count_parameters, get_method
-from tunelab.models.loader import load_base
+from tunelab.models.loader import load_base, training_dtype
 from tunelab.train.checkpoint import (TrainState, checkpoint_if_due, list_checkpoints, load_checkpoint,
                                      save_checkpoint)
 from tunelab.train.monitor import Monitor, peak_memory_bytes
 from tunelab.train.objectives import Objective, build_objective
 from tunelab.train.optim import build_optimizer, build_scheduler
 from tunelab.train.runtime import make_accelerator, packing_enabled
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 @dataclass
@@ -131,6 +134,12 @@ def enable_gradient_checkpointing(model: nn.Module, method: Method) -> None:
         model.enable_input_require_grads()  # frozen embeddings: keep a grad path into checkpointed blocks
 
 
+def load_training_base(cfg: RunConfig, accelerator: "Accelerator", method: Method) -> tuple[nn.Module, Any]:
+    """The base model and tokenizer in the dtype this run trains with (see ``training_dtype``)."""
+    dtype = training_dtype(cfg.model.dtype, accelerator.mixed_precision, method.trains_base_weights)
+    return load_base(cfg.model, accelerator.device, dtype)
+
+
 class Trainer:
     """One run: load, apply the method, train, evaluate, checkpoint, save."""
 
@@ -140,12 +149,12 @@ class Trainer:
         check_run_dir(self.run_dir, resume, overwrite)
         self.accelerator = make_accelerator(cfg.train.precision)
         torch.manual_seed(cfg.train.seed)
-        base, self.tokenizer = load_base(cfg.model, self.accelerator.device)
+        self.method = get_method(cfg.method)
+        base, self.tokenizer = load_training_base(cfg, self.accelerator, self.method)
         self.data: DataBundle = build_data(cfg, self.tokenizer)
         self.stream = MicroBatches([example_length(e) for e in self.data.train], cfg.train.batch_size,
                                    cfg.train.seed, cfg.data.group_by_length)
         self.total_steps = total_steps(cfg, self.stream.per_epoch)
-        self.method = get_method(cfg.method)
         self.method.configure_schedule(self.total_steps)
         self.model = self.method.apply(base, self.tokenizer)
         if cfg.train.gradient_checkpointing:
@@ -156,12 +165,14 @@ class Trainer:
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         attention = getattr(self.accelerator.unwrap_model(self.model).config, "_attn_implementation", "")
         self.packing = packing_enabled(cfg.data.packing, str(attention), self.method.supports_packing)
+        self.pad_width = PadWidth(cfg.data.pad_to_multiple_of, cfg.data.max_length)
         self.trainable_params, self.total_params = count_parameters(self.model)
         self.micro_batch_split = 1  # raised by train.auto_batch_size after an out-of-memory error
 
     # -- batches ----------------------------------------------------------------------
     def _collate(self, indices: list[int], examples: list[Any]) -> dict[str, torch.Tensor]:
-        batch = collate_examples([examples[i] for i in indices], self.tokenizer.pad_token_id, self.packing)
+        batch = collate_examples([examples[i] for i in indices], self.tokenizer.pad_token_id, self.packing,
+                                 self.pad_width)
         return {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def _count(self, batches: list[dict[str, torch.Tensor]]) -> int:

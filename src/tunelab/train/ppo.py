@@ -45,10 +45,10 @@ from tunelab.data.pipeline import build_data
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.inference import LoadedRun, stop_token_ids
 from tunelab.methods.base import count_parameters, get_method
-from tunelab.models.loader import load_base
 from tunelab.train.checkpoint import (TrainState, checkpoint_if_due, list_checkpoints, load_checkpoint,
                                      save_checkpoint)
-from tunelab.train.loop import MicroBatches, StopFlag, TrainResult, check_run_dir, enable_gradient_checkpointing
+from tunelab.train.loop import (MicroBatches, StopFlag, TrainResult, check_run_dir, enable_gradient_checkpointing,
+                                load_training_base)
 from tunelab.train.losses import token_logps
 from tunelab.train.monitor import Monitor, peak_memory_bytes
 from tunelab.train.objectives import Batch, hidden_states
@@ -175,13 +175,13 @@ class PPOTrainer:
         self.accelerator = make_accelerator(cfg.train.precision)
         self.device = self.accelerator.device
         torch.manual_seed(cfg.train.seed)
-        base, self.tokenizer = load_base(cfg.model, self.device)
+        self.method = get_method(cfg.method)
+        base, self.tokenizer = load_training_base(cfg, self.accelerator, self.method)
         self.data = build_data(cfg, self.tokenizer)
         self.stream = MicroBatches([len(e.prompt_ids) for e in self.data.train], cfg.ppo.rollout_batch_size,
                                    cfg.train.seed, group_by_length=False)
         self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * self.stream.per_epoch))
         self.updates_per_step = cfg.ppo.ppo_epochs * math.ceil(cfg.ppo.rollout_batch_size / cfg.ppo.mini_batch_size)
-        self.method = get_method(cfg.method)
         self.method.configure_schedule(self.total_steps * self.updates_per_step)
         self.policy = self.method.apply(base, self.tokenizer)
         if cfg.train.gradient_checkpointing:
