@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,3 +176,13 @@ def test_run_child_reports_the_child_peak_rss(tmp_path):
     code, peak, _ = run_child([sys.executable, "-c", "block = b'x' * (150 * 2**20)"], tmp_path / "log")
     assert code == 0
     assert 150 * 2**20 < peak < 250 * 2**20  # the child's own peak, not this test process's
+
+
+def test_model_load_counts_the_mapped_checkpoint_only_when_it_is_converted(run_tree):
+    """A bf16 run from fp32 files holds both while loading; an fp32 run reads the files as they are."""
+    bf16 = cpu_estimate(run_tree, "train.precision=bf16")
+    fp32 = cpu_estimate(run_tree, "train.precision=fp32")
+    files = sum(f.stat().st_size for f in Path(run_tree["model"]["name_or_path"]).glob("*.safetensors"))
+    assert bf16.weight_file_bytes == files > 0 and fp32.weight_file_bytes == 0
+    loading = bf16.calibration.weight_file_fraction * files + sum(bf16.facts.weight_bytes.values())
+    assert bf16.peak_bytes >= loading  # the load phase bounds the peak from below

@@ -36,7 +36,7 @@ class MemoryEstimate:
     framework: int
     calibration: Calibration = Calibration()
     notes: list[str] = field(default_factory=list)
-    weight_file_bytes: int = 0  # the checkpoint files the loader maps (CPU load peak)
+    weight_file_bytes: int = 0  # checkpoint files converted while the model loads (CPU load peak)
 
     def evaluate(self, calibration: Calibration) -> Breakdown:
         """The peak breakdown under ``calibration`` (no data or model work: formula only)."""
@@ -175,13 +175,31 @@ def estimate(cfg: RunConfig, target: Target, *, framework: int | None = None,
                      "memory instead of failing.")
     if target.device == "cuda":
         notes.append("CUDA: predicted torch.cuda.max_memory_allocated; the CUDA context (~0.5 GiB) comes on top.")
-    return MemoryEstimate(cfg, target, facts, workload, precision, framework, calibration, notes,
-                          weight_file_bytes(cfg.model))
+    converted = converted_file_bytes(cfg.model, weight_dtype(cfg, target), quantized)
+    return MemoryEstimate(cfg, target, facts, workload, precision, framework, calibration, notes, converted)
 
 
-def weight_file_bytes(model: ModelConfig) -> int:
-    """Bytes of the checkpoint files the loader reads. They are memory-mapped, so while the
-    model loads (and is converted to its training dtype) they are resident next to it."""
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def converted_file_bytes(model: ModelConfig, dtype: torch.dtype, quantized: bool) -> int:
+    """Bytes of checkpoint files the loader converts (to another dtype, or quantizes).
+
+    The files are memory-mapped, so during a conversion they are resident next to the
+    converted weights. Loaded in their own dtype, the weights are the files' data: one copy
+    (measured: an fp32 freeze run from fp32 files peaks below framework + weights + files).
+    ``.bin`` files cannot be inspected without loading them and count as converted.
+    """
+    from safetensors import safe_open
+
     directory = Path(materialize(resolve_source(model.name_or_path, model.gguf_file)))
-    files = list(directory.glob("*.safetensors")) or list(directory.glob("*.bin"))
+    files = list(directory.glob("*.safetensors"))
+    if not files:
+        return sum(f.stat().st_size for f in directory.glob("*.bin"))
+    stored: set[torch.dtype] = set()
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            stored |= {_SAFETENSORS_DTYPES.get(handle.get_slice(key).get_dtype(), dtype) for key in handle.keys()}
+    if stored == {dtype} and not quantized:
+        return 0
     return sum(f.stat().st_size for f in files)

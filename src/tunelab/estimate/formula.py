@@ -257,7 +257,7 @@ class Settings:
     framework: int
     calibration: Calibration
     reference_copy: bool = False  # full/freeze DPO and KTO keep a frozen copy of the starting model
-    weight_file_bytes: int = 0  # checkpoint files mapped while the model loads (CPU)
+    weight_file_bytes: int = 0  # checkpoint files converted while the model loads (CPU)
 
 
 def _fixed_terms(facts: ModelFacts, workload: Workload, run: Settings) -> dict[str, float]:
@@ -291,20 +291,6 @@ def forward_terms(facts: ModelFacts, workload: Workload, batch: MicroBatch, run:
             "autocast_copies": copies, "activations": saved,
             "logits": logits if logits >= backward else 0, "backward": backward if backward > logits else 0,
             "allocator": slack, "weight_reorders": reorders}
-
-
-def converted_file_bytes(facts: ModelFacts, run: Settings) -> float:
-    """Checkpoint pages resident next to the loaded weights while the model loads.
-
-    Only a conversion (another dtype, or quantization) holds both: the mapped file is read
-    while the converted tensors are built. Loading in the file's own dtype leaves one copy
-    (measured: an fp32 freeze run from fp32 files peaks below framework + weights + files).
-    Sizes tell the two apart: the same parameters in another dtype take other bytes.
-    """
-    files, weights = run.weight_file_bytes, sum(facts.weight_bytes.values())
-    if abs(files - weights) <= 0.05 * files:
-        return 0.0
-    return files * run.calibration.weight_file_fraction
 
 
 def _onednn_bf16_weights(run: Settings) -> bool:
@@ -356,7 +342,7 @@ def peak_breakdown(facts: ModelFacts, workload: Workload, run: Settings) -> Brea
         best = Breakdown(step, "optimizer step", max(workload.batches, key=lambda b: b.positions))
     if run.target.device == "cpu":
         loading = {"framework": run.framework, **weight_terms(facts, run.target),
-                   "weight_files": converted_file_bytes(facts, run)}
+                   "weight_files": run.weight_file_bytes * run.calibration.weight_file_fraction}
         if sum(loading.values()) > best.total:
             best = Breakdown(loading, "model load", best.batch)
     return Breakdown({k: int(round(v)) for k, v in best.terms.items()}, best.phase, best.batch)
