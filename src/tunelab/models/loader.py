@@ -124,7 +124,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on GPUs that support it, fp32 elsewhere (CPU uses bf16 autocast, not bf16 weights)."""
+    """The dtype of a model loaded for inference (chat, predict, serve, eval). ``auto``: bf16
+    on GPUs that support it, fp32 elsewhere. Training runs use :func:`training_dtype`."""
     if name != "auto":
         return _DTYPES[name]
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
