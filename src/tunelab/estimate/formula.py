@@ -75,11 +75,12 @@ Terms (peak = the largest of the phase totals below):
   ``k_cache`` per distinct shape seen so far (capped at ~50 shapes). fp32 runs use MKL and
   do not grow (measured: +0.06 GB over a 50-step fp32 run against +0.5 GB in bf16).
 
-Phases (CPU also has ``model load`` = framework + weights + the checkpoint files, which
-are memory-mapped while the weights are converted to the training dtype; for a small run
-on a bf16 base loaded from fp32 files this is the peak): ``forward`` = framework + dataset + weights + optimizer (+ gradients with
-accumulation) + autocast copies + activations + max(logits, backward) (+ a frozen
-``reference_model`` copy of the weights for full/freeze DPO and KTO);
+Phases: ``model load`` (CPU) = framework + weights + the checkpoint files, which are
+memory-mapped while the weights are converted to the training dtype (for a small run on a
+bf16 base loaded from fp32 files this is the peak); ``forward`` = framework + dataset +
+weights + optimizer (+ gradients with accumulation) + autocast copies + activations +
+max(logits, backward) + allocator + weight reorders (+ a frozen ``reference_model`` copy
+of the weights for full/freeze DPO and KTO);
 ``optimizer step`` = framework + dataset + weights + gradients + optimizer + AdamW's
 temporaries (2 x the largest trainable tensor). With N GPUs and ZeRO stage s: stage
 >= 1 shards optimizer states, >= 2 gradients, 3 the weights (``weights`` / N, plus
