@@ -71,3 +71,20 @@ def test_trainer_loads_a_frozen_base_in_bf16_and_keeps_fp32_trainable_weights(tm
         assert frozen == (set() if method == "full" else {torch.bfloat16}), method
         batch = trainer._collate([0, 1], trainer.data.train)
         assert batch["input_ids"].shape[1] == 32  # rounded up to 64, capped at max_length
+
+
+@pytest.mark.parametrize("compute, dtype, expected", [
+    ("auto", "bfloat16", "bfloat16"),  # a bf16-autocast QLoRA run computes its 4-bit matmuls in bf16
+    ("auto", None, "float32"),         # inference on CPU: model.dtype auto -> fp32
+    ("float32", "bfloat16", "float32"),  # an explicit model.compute_dtype wins
+])
+def test_4bit_compute_dtype_follows_the_training_dtype(compute, dtype, expected):
+    pytest.importorskip("bitsandbytes")
+    import torch
+
+    from tunelab.config import ModelConfig
+    from tunelab.models.loader import _quantization_config
+
+    cfg = ModelConfig(quantization="4bit", compute_dtype=compute)
+    quant = _quantization_config(cfg, torch.device("cpu"), getattr(torch, dtype) if dtype else None)
+    assert quant.bnb_4bit_compute_dtype == getattr(torch, expected)
