@@ -11,7 +11,6 @@ The result is cached per interpreter and library versions, so it is paid once.
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 from importlib import metadata
@@ -20,21 +19,9 @@ from pathlib import Path
 from tunelab.errors import TunelabError
 from tunelab.io import write_json
 from tunelab.models.loader import cache_root
+from tunelab.train.monitor import peak_rss_bytes
 
 _LIBRARIES = ("torch", "transformers", "peft", "accelerate", "tokenizers")
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size."""
-    try:
-        with open("/proc/self/status", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(kib if sys.platform == "darwin" else kib * 1024)
 
 
 def _cache_file() -> Path:

@@ -20,12 +20,29 @@ from tqdm.auto import tqdm
 from tunelab.io import atomic_open
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size.
+
+    Linux: VmHWM, which starts afresh in a new program. ``ru_maxrss`` survives ``exec``, so
+    a run started from a large process (a notebook, a test runner) would report that
+    process's size.
+    """
+    try:
+        with open("/proc/self/status", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(kib if sys.platform == "darwin" else kib * 1024)
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak memory so far: allocated bytes on CUDA, peak resident set size on CPU."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(kib if sys.platform == "darwin" else kib * 1024)
+    return peak_rss_bytes()
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
