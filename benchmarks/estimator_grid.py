@@ -121,8 +121,8 @@ def fit(rows: dict[str, Any], points: list) -> Calibration:
     """
     best, best_score = Calibration(), (float("inf"), float("inf"))
     for loss, backward, runtime, cache, allocator, files, reorder in itertools.product(
-            (14.0, 16.0, 18.0), (0.5,), range(0, 140, 20), range(20, 70, 10),
-            (1.1, 1.2, 1.3, 1.4), (0.85, 0.9, 0.95), (0.0, 0.25, 0.5, 0.75, 1.0)):
+            (12.0, 14.0, 16.0, 18.0), (0.5,), range(0, 140, 20), range(20, 70, 10),
+            (1.1, 1.2, 1.3, 1.4, 1.5), (0.85, 0.9, 0.95), (0.0, 0.25, 0.5, 0.75, 1.0)):
         candidate = Calibration(loss, backward, runtime * 2**20, cache * 2**20, allocator, files, reorder)
         errors = [abs(r["error_pct"]) for r in evaluate(rows, points, candidate)]
         score = (round(max(errors), 1), sum(errors) / len(errors))
