@@ -19,7 +19,12 @@ own), run one after another in this invocation:
   tokenization of the same records, so only the training mechanics differ;
 - ``tunelab_fp32_unpacked``: tunelab with ``data.packing=false`` and
   ``train.precision=fp32``: the reference the loss of ``tunelab`` is compared with;
-- ``tunelab_checkpointing``: the defaults plus ``train.gradient_checkpointing=true``.
+- ``tunelab_checkpointing``: the defaults plus ``train.gradient_checkpointing=true``;
+- one default undone each, to measure what it buys: ``tunelab_fp32_base`` (frozen base in
+  fp32 under bf16 autocast), ``tunelab_chunk1024`` (LM-head loss in chunks of 1024 rows, the
+  old default), ``tunelab_unrounded`` (batch widths not rounded to a multiple of 64) and
+  ``tunelab_mmap128k`` (glibc's mmap threshold fixed at 128 KiB: every large tensor its own
+  mapping, returned to the OS on free, as tunelab once did).
 
 Reported per variant: real tokens/s (non-pad tokens of the epoch / training wall time,
 model loading excluded), peak RSS of the whole process, MFU, and the train loss (last
@@ -67,7 +72,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 DATA = ROOT / "data" / "alpaca_bench.json"
-VARIANTS = ("tunelab", "hf", "tunelab_fp32_unpacked", "tunelab_packed", "tunelab_checkpointing")
+VARIANTS = ("tunelab", "hf", "tunelab_fp32_unpacked", "tunelab_packed", "tunelab_checkpointing",
+            "tunelab_fp32_base", "tunelab_chunk1024", "tunelab_unrounded", "tunelab_mmap128k")
 TARGETS = {"tokens_per_s": 290.0, "peak_rss_bytes": 2.1e9, "loss_rel_diff": 0.02}
 
 #: The benchmark job as a tunelab run config.
@@ -81,7 +87,14 @@ JOB: dict[str, Any] = {
 }
 VARIANT_OVERRIDES = {"tunelab": [], "tunelab_fp32_unpacked": ["data.packing=false", "train.precision=fp32"],
                      "tunelab_packed": ["data.packing=true"],
-                     "tunelab_checkpointing": ["train.gradient_checkpointing=true"]}
+                     "tunelab_checkpointing": ["train.gradient_checkpointing=true"],
+                     # one default undone each, to measure what it buys:
+                     "tunelab_fp32_base": ["model.dtype=float32"],
+                     "tunelab_chunk1024": ["train.loss_chunk_size=1024"],
+                     "tunelab_unrounded": ["data.pad_to_multiple_of=1"],
+                     "tunelab_mmap128k": []}
+#: glibc mallopt parameter; ``tunelab_mmap128k`` fixes it at 128 KiB as tunelab once did.
+_M_MMAP_THRESHOLD = -3
 
 
 def write_job_config(directory: Path) -> Path:
@@ -165,6 +178,10 @@ def matmul_params(model: Any) -> int:
 
 def child(variant: str, config: Path, out: Path, max_steps: int | None) -> None:
     """Run one variant and write its numbers to ``out`` (JSON)."""
+    if variant == "tunelab_mmap128k":  # every large tensor its own mapping, returned on free
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
     result = _hf_child(config, max_steps) if variant == "hf" else \
         _tunelab_child(config, VARIANT_OVERRIDES[variant], max_steps)
     model = result.pop("model")

@@ -50,9 +50,10 @@ class PadWidth:
     beyond ``limit`` (``data.max_length``: positions the model is configured for).
 
     Why round: on CPU, oneDNN compiles and caches matmul kernels per matrix shape, so
-    batches of a few distinct widths reuse compiled kernels where every new width pays for
-    new ones and keeps them in memory. On the speed job (SmolLM2 LoRA, 50 steps) rounding
-    to 64 raised 396 -> 431 real tokens/s. GPUs prefer such multiples too (tensor cores).
+    batches of a few distinct widths reuse compiled kernels where every new width compiles
+    and keeps new ones. On the speed job rounding to 64 lowered the peak from 3.78 to
+    3.49 GB at the same speed within noise (``benchmarks/speed.py`` variant
+    ``tunelab_unrounded``: 396 against 383 tokens/s). GPUs prefer such multiples too.
     The extra pads cost nothing in correctness: they come after every real token (right
     padding, causal attention) and carry no labels.
     """

@@ -61,8 +61,9 @@ Terms (peak = the largest of the phase totals below):
   ``k_alloc - 1`` of its saved activations (the many tensors of changing sizes; the
   LM-head chunks have one size and reuse their blocks). The trainer
   leaves glibc's default (dynamic) mmap threshold in place: fixing it low returned every
-  large block to the OS but made each new tensor fault its pages in again, which cost
-  40% of the speed job's step time (measured). On CUDA the estimate is
+  large block to the OS but made each new tensor fault its pages in again: 245 against 383
+  tokens/s on the speed job (``benchmarks/speed.py`` variant ``tunelab_mmap128k``). On CUDA
+  the estimate is
   ``torch.cuda.max_memory_allocated`` (live tensors); the CUDA context (~0.5 GiB) is
   outside it.
 

@@ -4,8 +4,8 @@ PEFT computes ``base(x) + lora_B(lora_A(dropout(x))) * scaling``. The scaling mu
 and the sum adds, full-width ``[tokens, out_features]`` tensors, and under autocast PEFT
 first casts the input to the adapter's fp32 dtype, which autocast casts straight back to
 bf16 for the matmul. On CPU those elementwise passes cost about as much as the base matmul
-itself (measured on one SmolLM2 MLP projection, 1672 tokens, bf16 autocast, forward +
-backward: 10.3 ms PEFT's way, 6.6 ms fused).
+itself (``benchmarks/lora_forward.py``: one SmolLM2 MLP projection, 1672 tokens, bf16
+autocast, forward + backward: 9.1-10.8 ms PEFT's way, 6.3-7.6 ms fused).
 
 The same function is computed here as ``addmm(base(x), (lora_A(dropout(x)) * scaling),
 lora_B^T)``: the scaling is applied to the rank-r activations (r numbers per token, not

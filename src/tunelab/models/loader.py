@@ -139,7 +139,8 @@ def training_dtype(name: str, mixed_precision: str, trains_base_weights: bool) -
     ``auto``: a base whose weights stay frozen (adapters, prompts) is loaded in bf16 when the
     run computes in bf16. Autocast would otherwise cast every fp32 weight to bf16 again at
     each use, and the residual stream, norms and other elementwise work would run in fp32:
-    on the speed job that cost 16% of the tokens/s and 0.5 GB (SmolLM2 LoRA, measured).
+    on the speed job an fp32 frozen base ran at 329 against 383 tokens/s and peaked 0.6 GB
+    higher (``benchmarks/speed.py`` variant ``tunelab_fp32_base``).
     Weights that train (full, freeze) stay fp32 master weights, and fp16 runs keep an fp32
     base (fp16 activations of a bf16-trained model can overflow). Adapter weights are fp32
     whatever the base (PEFT upcasts them; native adapters are created in fp32).
