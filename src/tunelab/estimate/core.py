@@ -18,6 +18,7 @@ from tunelab.estimate.skeleton import ModelFacts, model_facts
 from tunelab.estimate.workload import Workload, load_workload
 from tunelab.methods.base import get_method
 from tunelab.models.loader import load_tokenizer, materialize, resolve_source, training_dtype
+from tunelab.train.monitor import proc_kib_field_bytes
 from tunelab.train.runtime import packing_enabled, resolve_precision
 
 _DEVICE = re.compile(r"^(cpu|cuda)(?::(\d+(?:\.\d+)?)\s*(gb|gib|g)?)?$", re.IGNORECASE)
@@ -100,23 +101,12 @@ def parse_target(device: str | None, num_gpus: int = 1, zero_stage: int = 0) -> 
     if kind == "cpu" and (num_gpus > 1 or zero_stage):
         raise ConfigError("--gpus and --zero describe multi-GPU training; use them with --device cuda[:<memory>GB].")
     if kind == "cpu":
-        capacity = _physical_memory()
+        capacity = proc_kib_field_bytes("/proc/meminfo", "MemTotal")
     elif size is not None:
         capacity = int(float(size) * 2**30)
     else:
         capacity = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
     return Target(kind, capacity, num_gpus, zero_stage)
-
-
-def _physical_memory() -> int | None:
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def weight_dtype(cfg: RunConfig, target: Target) -> torch.dtype:
@@ -164,7 +154,8 @@ def estimate(cfg: RunConfig, target: Target, *, framework: int | None = None,
     packed = packing_enabled(cfg.data.packing, cfg.model.attn_implementation, method.supports_packing)
     workload = load_workload(cfg, tokenizer, packed)
     quantized = cfg.model.quantization != "none" or cfg.method.type == "qlora"
-    facts = model_facts(cfg, tokenizer, weight_dtype(cfg, target), workload.steps)
+    dtype = weight_dtype(cfg, target)
+    facts = model_facts(cfg, tokenizer, dtype, workload.steps)
     if facts.method_note:
         notes.append(facts.method_note)
     precision = precision_of(cfg, target, quantized)
@@ -175,7 +166,7 @@ def estimate(cfg: RunConfig, target: Target, *, framework: int | None = None,
                      "memory instead of failing.")
     if target.device == "cuda":
         notes.append("CUDA: predicted torch.cuda.max_memory_allocated; the CUDA context (~0.5 GiB) comes on top.")
-    converted = converted_file_bytes(cfg.model, weight_dtype(cfg, target), quantized)
+    converted = converted_file_bytes(cfg.model, dtype, quantized)
     return MemoryEstimate(cfg, target, facts, workload, precision, framework, calibration, notes, converted)
 
 

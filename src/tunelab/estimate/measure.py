@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.train.monitor import maxrss_bytes
 
 #: Environment defaults for the child. libgomp's default busy-waiting makes every
 #: elementwise op 10-70x slower when the cores are shared with other processes
@@ -88,8 +89,7 @@ def run_child(command: list[str], log: Path, env: dict[str, str] | None = None) 
     if launcher.returncode != 0 or not report.is_file():
         return launcher.returncode or 1, 0, time.perf_counter() - started
     usage = json.loads(report.read_text(encoding="utf-8"))
-    kib = usage["maxrss"]
-    return usage["code"], int(kib if sys.platform == "darwin" else kib * 1024), time.perf_counter() - started
+    return usage["code"], maxrss_bytes(usage["maxrss"]), time.perf_counter() - started
 
 
 def measure_run(config: str, overrides: list[str], steps: int, device: str) -> Measurement:

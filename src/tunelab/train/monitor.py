@@ -20,6 +20,24 @@ from tqdm.auto import tqdm
 from tunelab.io import atomic_open
 
 
+def proc_kib_field_bytes(path: str, field: str) -> int | None:
+    """A ``Field:  N kB`` line of a Linux /proc file (``/proc/meminfo``, ``/proc/self/status``)
+    in bytes, or None where the file or the field does not exist."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def maxrss_bytes(maxrss: int) -> int:
+    """``ru_maxrss`` in bytes: kilobytes on Linux, bytes on macOS."""
+    return int(maxrss if sys.platform == "darwin" else maxrss * 1024)
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set size.
 
@@ -27,15 +45,8 @@ def peak_rss_bytes() -> int:
     a run started from a large process (a notebook, a test runner) would report that
     process's size.
     """
-    try:
-        with open("/proc/self/status", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(kib if sys.platform == "darwin" else kib * 1024)
+    peak = proc_kib_field_bytes("/proc/self/status", "VmHWM")
+    return peak if peak is not None else maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
