@@ -18,25 +18,25 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from tunelab.config import load_run_config
 from tunelab.data.records import Message
 from tunelab.export.merge import export_run
 from tunelab.inference import load_run
 from tunelab.models.loader import materialize, resolve_source
+from tunelab.runs import RunDir
 
 PROMPTS = ["Who are you?", "What is the capital of France?", "Write a haiku about autumn leaves."]
 
 
 def main(run: str) -> int:
     loaded = load_run(run, device=torch.device("cpu"))
-    cfg = load_run_config(run)
+    cfg = loaded.cfg
     texts = [loaded.render_prompt([Message("user", p)]) for p in PROMPTS]
     with tempfile.TemporaryDirectory() as tmp:
         merged_dir = export_run(run, Path(tmp) / "merged")
         merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
         base_dir = materialize(resolve_source(cfg.model.name_or_path, cfg.model.gguf_file))
         base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        peft = PeftModel.from_pretrained(base, Path(run) / "adapter").eval()
+        peft = PeftModel.from_pretrained(base, RunDir(run).adapter).eval()
         worst_merged = worst_peft = 0.0
         with torch.no_grad():
             for text in texts:

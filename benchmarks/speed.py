@@ -109,12 +109,12 @@ def write_job_config(directory: Path) -> Path:
 def _tunelab_child(config: Path, overrides: list[str], max_steps: int | None) -> dict[str, Any]:
     from tunelab.config import load_config
     from tunelab.train.loop import Trainer
-    from tunelab.train.monitor import read_metrics
+    from tunelab.runs import RunDir
 
     steps = [f"train.max_steps={max_steps}"] if max_steps else []
     trainer = Trainer(load_config(config, [*overrides, *steps]), overwrite=True, progress=False)
     result = trainer.run()
-    losses = [row["loss"] for row in read_metrics(result.run_dir) if "loss" in row]
+    losses = [row["loss"] for row in RunDir(result.run_dir).read_metrics() if "loss" in row]
     return {"tokens": trainer.state.tokens_seen, "train_s": result.wall_s,
             "final_loss": losses[-1], "mean_loss": statistics.fmean(losses), "steps": result.steps,
             "trainable_params": result.trainable_params, "model": trainer.model}

@@ -62,13 +62,13 @@ def worker(name: str, out: Path, quick: bool, ppo_steps: int, threads: int | Non
     import torch
 
     from tunelab.train import run_stage
-    from tunelab.train.monitor import read_metrics
+    from tunelab.runs import RunDir
 
     if threads:
         torch.set_num_threads(threads)
     cfg = stage_config(name, out, quick, ppo_steps)
     result = run_stage(cfg, overwrite=True, progress=True)
-    record = {**asdict(result), "run_dir": str(result.run_dir), "metrics": read_metrics(result.run_dir)}
+    record = {**asdict(result), "run_dir": str(result.run_dir), "metrics": RunDir(result.run_dir).read_metrics()}
     (out / f"{name}.json").write_text(json.dumps(record, indent=1))
 
 

@@ -1,9 +1,9 @@
-"""Rule rewards for the PPO example (``ppo.reward_fn: rewards:friendly``).
+"""Rule rewards for the PPO example (``ppo.reward_fn: examples/rewards.py:friendly``).
 
 A reward function takes the prompts (the last user message of each) and the sampled
-responses, as text, and returns one float per response. tunelab imports it from the
-current directory or from ``examples/``, so running from the repository root finds this
-file as module ``rewards``.
+responses, as text, and returns one float per response. tunelab loads it from the file
+path named in the config (relative to the working directory); ``module:function`` names
+an installed module instead, and a local file never shadows an installed one.
 """
 
 from __future__ import annotations

@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import argparse
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,6 +30,9 @@ from typing import Any, Callable
 
 import httpx
 import openai
+
+from tunelab.errors import TunelabError
+from tunelab.serve.local import LocalServer
 
 IDENTITY_QUESTION = "Who are you?"
 IDENTITY_WORD = "tuna"
@@ -67,33 +67,6 @@ class Report:
         lines += [f"{name.ljust(width)}  {'PASS' if ok else 'FAIL':6}  {detail[:100]}"
                   for name, ok, detail in self.rows]
         return "\n".join(lines)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def server_command(run: str, port: int, key: str) -> list[str]:
-    exe = shutil.which("tunelab")
-    if exe is None:
-        sys.exit("the `tunelab` command is not on PATH; activate the environment tunelab is installed in.")
-    return [exe, "serve", run, "--host", "127.0.0.1", "--port", str(port), "--api-key", key]
-
-
-def wait_healthy(base_url: str, server: subprocess.Popen, timeout: float) -> tuple[bool, str]:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if server.poll() is not None:
-            return False, f"server exited with code {server.returncode} before becoming healthy"
-        try:
-            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
-                return True, f"healthy after {timeout - (deadline - time.time()):.0f}s"
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    return False, f"no healthy /health within {timeout:.0f}s"
 
 
 def ask(api: openai.OpenAI, model: str, question: str, max_tokens: int) -> Any:
@@ -228,25 +201,25 @@ def main() -> None:
     if not Path(args.run, "config.yaml").is_file():
         sys.exit(f"{args.run} is not a tunelab run directory (no config.yaml).")
 
-    port, key = free_port(), secrets.token_hex(16)
-    base_url = f"http://127.0.0.1:{port}"
+    key = secrets.token_hex(16)
     report = Report()
-    with tempfile.TemporaryFile(mode="w+") as log:
-        command = server_command(args.run, port, key)
-        print(f"starting: {' '.join(command[:-1])} ***", flush=True)
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    with LocalServer([args.run], api_key=key) as server:
         in_flight = None
         try:
-            if report.check("server starts", *wait_healthy(base_url, server, args.startup_timeout)):
-                models = find_models(report, client(base_url, key))
+            try:
+                report.check("server starts", True, f"healthy after {server.start(args.startup_timeout):.0f}s")
+            except TunelabError as err:
+                report.check("server starts", False, str(err).splitlines()[0])
+            else:
+                models = find_models(report, client(server.url, key))
                 if models is not None:
-                    run_checks(report, base_url, key, *models, not args.no_identity_check, args.max_tokens)
-                    in_flight = partial(ask, client(base_url, key), models[0], QUESTION, args.max_tokens * 4)
+                    run_checks(report, server.url, key, *models, not args.no_identity_check, args.max_tokens)
+                    in_flight = partial(ask, client(server.url, key), models[0], QUESTION, args.max_tokens * 4)
         finally:
-            stop_server(server, report, log, in_flight)
+            if server.process is not None:
+                stop_server(server.process, report, server.log, in_flight)
         if report.failed:
-            log.seek(0)
-            print("\n--- server log (last 60 lines) ---\n" + "".join(log.readlines()[-60:]))
+            print("\n--- server log (last 60 lines) ---\n" + server.log_tail(60))
     print("\n" + report.table())
     sys.exit(1 if report.failed else 0)
 

@@ -1,9 +1,13 @@
 """Run configuration: validation, overrides, error messages, round trip."""
 
 import pytest
+from typer.testing import CliRunner
 
-from tunelab.config import build_config, load_config, load_run_config, save_config
+from tunelab.cli import app
+from tunelab.config import build_config, describe_keys, load_config, load_run_config, save_config
 from tunelab.errors import ConfigError
+
+runner = CliRunner()
 
 
 def test_defaults_use_embedded_model_and_lora():
@@ -74,3 +78,53 @@ def test_qlora_loads_the_base_in_4bit_unless_told_otherwise():
     assert build_config({"method": {"type": "qlora"}}).model.quantization == "4bit"
     assert build_config({"method": {"type": "qlora"}, "model": {"quantization": "8bit"}}).model.quantization == "8bit"
     assert build_config({"method": {"type": "lora"}}).model.quantization == "none"
+
+
+@pytest.mark.parametrize("tree, hint", [
+    ({"learning_rate": 1e-4}, "Did you mean 'train.lr'? ('learning_rate' is the LLaMA-Factory / Hugging Face name.)"),
+    ({"train": {"gradient_accumulation_steps": 4}}, "Did you mean 'train.grad_accum'?"),
+    ({"train": {"per_device_train_batch_size": 2}}, "Did you mean 'train.batch_size'?"),
+    ({"num_train_epochs": 3}, "Did you mean 'train.epochs'?"),
+    ({"method": {"lora_rank": 8}}, "Did you mean 'method.r'?"),
+    ({"method": {"lora_alpha": 16}}, "Did you mean 'method.alpha'?"),
+    ({"method": {"lora_target": "all"}}, "Did you mean 'method.target'?"),
+    ({"data": {"cutoff_len": 512}}, "Did you mean 'data.max_length'?"),
+    ({"finetuning_type": "lora"}, "Did you mean 'method.type'?"),
+    ({"train": {"lr_scheduler_type": "cosine"}}, "Did you mean 'train.scheduler'?"),
+    ({"bf16": True}, "Did you mean 'train.precision: bf16'?"),
+    ({"train": {"output_dir": "x"}}, "Did you mean 'output_dir'?"),
+    ({"overwrite_output_dir": True}, "Did you mean `tunelab train --overwrite`?"),
+])
+def test_foreign_key_names_get_the_tunelab_name(tree, hint):
+    with pytest.raises(ConfigError) as err:
+        build_config(tree)
+    assert hint in str(err.value)
+
+
+def test_difflib_remains_the_fallback_for_typos():
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.gradient_acum'.*Did you mean 'train\.grad_accum'"):
+        build_config({"train": {"gradient_acum": 2}})
+
+
+def test_every_key_has_a_one_line_description():
+    docs = [doc for group in describe_keys() for doc in group.keys]
+    assert {doc.key for doc in docs} >= {"train.lr", "method.r", "method.num_virtual_tokens", "method.fusion_adapters",
+                                        "stage", "output_dir"}
+    for doc in docs:
+        assert doc.help and "\n" not in doc.help, doc.key
+
+
+def test_config_keys_prints_type_default_and_help_per_section():
+    out = runner.invoke(app, ["config-keys"]).output
+    assert "\ntrain: The optimisation" in out
+    lr = out[out.index("  train.lr "):].splitlines()
+    assert lr[0].split() == ["train.lr", "float", "=", "0.0002"] and lr[1].strip().startswith("Peak learning rate")
+    assert "method: type houlsby, pfeiffer, parallel" in out and "method.r " in out
+    lora = runner.invoke(app, ["config-keys", "--method", "lora"]).output
+    assert "method: type lora, dora, rslora, pissa, loraplus, qlora" in lora
+    assert "method.r " in lora and "method.num_virtual_tokens" not in lora and "method.init_from" in lora
+    sft = runner.invoke(app, ["config-keys", "--stage", "sft"]).output
+    assert "\npref:" not in sft and "\nppo:" not in sft and "\ntrain:" in sft
+    assert "\npref:" in runner.invoke(app, ["config-keys", "--stage", "dpo"]).output
+    bad = runner.invoke(app, ["config-keys", "--method", "lorra"])
+    assert bad.exit_code == 2 and "Did you mean 'lora'" in bad.output

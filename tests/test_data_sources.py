@@ -12,7 +12,7 @@ import pytest
 
 from tunelab.data.formats import to_records
 from tunelab.data.records import Conversation, Message, Preference, Text, Unpaired
-from tunelab.data.sources import DatasetRegistry, DatasetSpec, RawRow, detect_spec, read_rows
+from tunelab.data.sources import INFO_FILE, DatasetRegistry, DatasetSpec, RawRow, detect_spec, read_rows
 from tunelab.errors import DataError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "llamafactory"
@@ -354,3 +354,82 @@ def test_entry_without_file_or_hub(tmp_path):
 def test_raw_row_origin():
     assert RawRow({}, "f.jsonl", 7, 3).origin == "f.jsonl:7"
     assert RawRow({}, "f.json", None, 3).origin == "f.json#3"
+
+
+# --------------------------------------------------------------------------- datasets-backed sources
+
+
+def table_rows(path: Path, work: Path) -> list[RawRow]:
+    """The rows of one file as the cached pipeline reads them (datasets builder + row format)."""
+    from tunelab.data.tables import Source
+
+    table, row_format = Source(path=path).table(work)
+    return [row for row in row_format.decode(table[:], range(len(table))) if row is not None]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in FIXTURES.iterdir()
+                                         if p.suffix in (".json", ".jsonl", ".csv", ".txt") and p.name != INFO_FILE))
+def test_datasets_reads_every_fixture_like_read_rows(tmp_path, name):
+    expected = list(read_rows(FIXTURES / name))
+    got = table_rows(FIXTURES / name, tmp_path)
+    assert [row.data for row in got] == [row.data for row in expected]
+    assert [row.line for row in got] == [row.line if name.endswith((".jsonl", ".txt")) else None
+                                         for row in expected]  # csv lines are found when an error names one
+
+
+def test_mixed_field_types_and_odd_json_layouts_still_read(tmp_path):
+    mixed = write(tmp_path / "mixed.json", json.dumps([{"output": "a", "history": [["u", "b"]]},
+                                                       {"output": ["c", "d"], "history": None}]))
+    assert [row.data for row in table_rows(mixed, tmp_path)] == [{"output": "a", "history": [["u", "b"]]},
+                                                                 {"output": ["c", "d"]}]
+    lines = write(tmp_path / "lines.json", '\ufeff{"a": 1}\n\n{"a": [2]}\n')
+    assert [(row.line, row.data) for row in table_rows(lines, tmp_path)] == [(1, {"a": 1}), (3, {"a": [2]})]
+    pretty = write(tmp_path / "pretty.json", '{\n  "a": 1\n}\n')
+    assert [row.data for row in table_rows(pretty, tmp_path)] == [{"a": 1}]
+
+
+def test_csv_cells_stay_strings(tmp_path):
+    path = write(tmp_path / "d.csv", "instruction,output,label\nadd 2 and 2,4,true\nempty,,\n")
+    assert [row.data for row in table_rows(path, tmp_path)] == [row.data for row in read_rows(path)] == [
+        {"instruction": "add 2 and 2", "output": "4", "label": "true"},
+        {"instruction": "empty", "output": "", "label": ""}]
+
+
+def test_bom_and_crlf_lines_read_alike(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"a": 1}\r\n{"a": 2}\r\n')
+    assert [(r.line, r.data) for r in read_rows(path)] == [(1, {"a": 1}), (2, {"a": 2})]
+    assert [(r.line, r.data) for r in table_rows(path, tmp_path)] == [(1, {"a": 1}), (2, {"a": 2})]
+
+
+def test_saved_dataset_directories_resolve_and_read_their_split(tmp_path):
+    import datasets
+
+    rows = {"conversations": [[{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]]}
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "dict"))
+    datasets.Dataset.from_dict({"text": ["one", "two"]}).save_to_disk(str(tmp_path / "plain"))
+    plain = DatasetRegistry(tmp_path).resolve("plain")
+    assert plain.formatting == "text" and [r.data["text"] for r in plain.rows()] == ["one", "two"]
+    write(tmp_path / "dataset_info.json", json.dumps({"chat": {"file_name": "dict", "formatting": "sharegpt",
+                                                               "split": "test"},
+                                                      "wrong": {"file_name": "dict", "formatting": "sharegpt"}}))
+    records, _ = to_records(DatasetRegistry(tmp_path).resolve("chat").rows(),
+                            DatasetRegistry(tmp_path).resolve("chat"))
+    assert records[0].messages == [Message("user", "q"), Message("assistant", "a")]
+    with pytest.raises(DataError, match=r"the saved dataset has no split 'train' \(it has test\)"):
+        list(DatasetRegistry(tmp_path).resolve("wrong").rows())
+
+
+def test_decode_utf8_names_line_and_column_in_a_document():
+    from tunelab.data.sources import decode_utf8
+
+    with pytest.raises(DataError, match=r"file f.json, line 2: invalid UTF-8: byte 0xff at column 3"):
+        decode_utf8(b'[\n  \xff]', "f.json")
+    assert decode_utf8(b"\xef\xbb\xbfok", "f") == "ok"
+
+
+def test_repo_like_names_only_go_to_the_hub_when_nothing_local_matches(tmp_path):
+    from tunelab.data.hub import looks_like_repo
+
+    assert looks_like_repo("org/name") and looks_like_repo("llamafactory/alpaca_en")
+    assert not looks_like_repo("data/train.jsonl") and not looks_like_repo("name") and not looks_like_repo("a/b/c")

@@ -2,7 +2,6 @@
 
 import json
 import math
-import sys
 
 import pytest
 import torch
@@ -12,13 +11,14 @@ from tunelab.config import build_config
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.inference import load_run
 from tunelab.methods import get_method
+from tunelab.models.value_head import load_value_head, sequence_scores
 from tunelab.testing.tiny import tiny_llama
 from tunelab.train import run_stage
 from tunelab.train.loop import train
 from tunelab.train.ppo import check_ppo_config, scale_scores
 from tunelab.train.rewards import ModelReward, build_reward, load_reward_fn
 from tunelab.train.rollout import build_rollout
-from tunelab.train.value_head import load_value_head, sequence_scores
+from tunelab.train.stages import get_stage
 
 PROMPTS = ["Who are you?", "What is the capital of France?", "Write a short poem about the sea.",
            "Translate hello to French.", "What is 2 + 3?", "Tell me about the fox."]
@@ -46,10 +46,9 @@ def prompt_file(tmp_path_factory):
 
 @pytest.fixture
 def reward_dir(tmp_path, monkeypatch):
-    """A directory holding ppo_test_rewards.py as the current directory (where reward_fn is imported from)."""
+    """A directory holding ppo_test_rewards.py as the current directory (relative reward_fn paths start there)."""
     (tmp_path / "ppo_test_rewards.py").write_text(REWARD_MODULE)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delitem(sys.modules, "ppo_test_rewards", raising=False)
     return tmp_path
 
 
@@ -58,10 +57,14 @@ def ppo_cfg(tiny_model_dir, prompt_file, out, *overrides):
             "method": {"type": "lora", "r": 4, "alpha": 8},
             "data": {"train": [str(prompt_file)], "max_length": 64},
             "train": {"precision": "fp32", "lr": 5e-3, "batch_size": 2, "max_steps": 3, "scheduler": "constant"},
-            "ppo": {"reward_fn": "ppo_test_rewards:bangs", "rollout_batch_size": 4, "mini_batch_size": 2,
+            "ppo": {"reward_fn": "ppo_test_rewards.py:bangs", "rollout_batch_size": 4, "mini_batch_size": 2,
                     "ppo_epochs": 2, "max_new_tokens": 6},
             "output_dir": str(out)}
     return build_config(tree, list(overrides))
+
+
+def test_ppo_rows_carry_the_metrics_its_stage_declares():
+    assert METRIC_KEYS == {"step", "lr", "tokens_per_s"} | set(get_stage("ppo").metrics)
 
 
 def metric_rows(run_dir):
@@ -78,9 +81,7 @@ def test_ppo_runs_end_to_end_with_a_rule_reward(tiny_model_dir, prompt_file, rew
         assert set(row) == METRIC_KEYS
         assert all(math.isfinite(row[key]) for key in METRIC_KEYS)
         assert row["entropy"] > 0 and 0 <= row["clipfrac"] <= 1
-    import ppo_test_rewards
-
-    prompts, responses = ppo_test_rewards.CALLS[0]
+    prompts, responses = load_reward_fn("ppo_test_rewards.py:bangs").__globals__["CALLS"][0]
     assert len(prompts) == 4 and set(prompts) <= set(PROMPTS) and all(isinstance(r, str) for r in responses)
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "value_head.safetensors").is_file()
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
@@ -163,7 +164,7 @@ def test_reward_settings_are_checked(tiny_model_dir, prompt_file, reward_dir, to
     with pytest.raises(ConfigError, match="module 'no_such_rewards' cannot be imported"):
         load_reward_fn("no_such_rewards:score")
     with pytest.raises(ConfigError, match="has no function 'missing'"):
-        load_reward_fn("ppo_test_rewards:missing")
+        load_reward_fn("ppo_test_rewards.py:missing")
     with pytest.raises(ConfigError, match="method.dropout=0"):
         check_ppo_config(ppo_cfg(tiny_model_dir, prompt_file, "x", "method.dropout=0.1"))
     with pytest.raises(ConfigError, match="is a 'ppo' run, not a reward model"):
@@ -175,7 +176,7 @@ def test_reward_settings_are_checked(tiny_model_dir, prompt_file, reward_dir, to
 
 
 def test_a_reward_function_with_the_wrong_output_is_reported(tiny_model_dir, prompt_file, reward_dir):
-    cfg = ppo_cfg(tiny_model_dir, prompt_file, reward_dir / "bad", "ppo.reward_fn=ppo_test_rewards:wrong_length",
+    cfg = ppo_cfg(tiny_model_dir, prompt_file, reward_dir / "bad", "ppo.reward_fn=ppo_test_rewards.py:wrong_length",
                   "train.max_steps=1")
     with pytest.raises(TunelabError, match="returned 1 scores for 4 responses"):
         run_stage(cfg, progress=False)

@@ -8,19 +8,22 @@ batching bugs all show up as different text.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, Iterator
 
 import pytest
 import torch
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig  # noqa: E402
 
 from tunelab.config import MethodConfig, ModelConfig, RunConfig, save_config  # noqa: E402
 from tunelab.data.records import Message  # noqa: E402
@@ -28,6 +31,7 @@ from tunelab.errors import ConfigError  # noqa: E402
 from tunelab.inference import (Completion, GenerationOptions, GenerationRow, complete, encode_prompt,  # noqa: E402
                                stream)
 from tunelab.serve.app import build_engine, create_app  # noqa: E402
+from tunelab.serve.batching import DecodeBatch, prefill_groups, steppable  # noqa: E402
 from tunelab.serve.catalog import plan  # noqa: E402
 from tunelab.serve.engine import Engine, Job, ServedModel  # noqa: E402
 from tunelab.testing.tiny import save_tiny_model_dir  # noqa: E402
@@ -378,6 +382,17 @@ def test_plan_renames_colliding_ids_and_refuses_a_different_base(dirs, tmp_path)
         plan([str(dirs["run-a"]), str(stranger)])
     with pytest.raises(ConfigError, match="not a tunelab run directory"):
         plan([str(tmp_path)])
+    with pytest.raises(ConfigError, match="not a tunelab run directory"):  # a base model is served only alone
+        plan([str(dirs["run-a"]), str(dirs["base"])])
+
+
+def test_a_base_model_alone_is_served_with_its_own_template(dirs, references, tok):
+    served = plan([str(dirs["base"])])
+    assert served.base_id == BASE_ID and served.runs == [] and served.base_config().data.template == "auto"
+    with TestClient(create_app(build_engine([str(dirs["base"])], device=CPU))) as client:
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [BASE_ID]
+        body = ask(client, BASE_ID, QUESTIONS[2]).json()
+    assert body["choices"][0]["message"]["content"] == direct(references, tok, BASE_ID, chat_ids(tok, QUESTIONS[2]))[0]
 
 
 # ---------------------------------------------------------------------------- real client, real server
@@ -388,20 +403,31 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_official_openai_client_against_uvicorn(dirs, references, tok):
-    openai = pytest.importorskip("openai")
+@contextmanager
+def uvicorn_server(app) -> Iterator[str]:
+    """``app`` served by uvicorn on a free loopback port, in a thread; yields the base URL."""
     uvicorn = pytest.importorskip("uvicorn")
-    engine = build_engine([str(dirs["run-a"]), str(dirs["run-b"])], "transformers", max_batch_size=4, device=CPU)
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key="k"), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    # log_config=None: uvicorn's records reach pytest's caplog like any other logger's.
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", log_config=None))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
         deadline = time.time() + 30
         while not server.started and time.time() < deadline:
             time.sleep(0.05)
-        api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    assert not thread.is_alive()
+
+
+def test_official_openai_client_against_uvicorn(dirs, references, tok):
+    openai = pytest.importorskip("openai")
+    engine = build_engine([str(dirs["run-a"]), str(dirs["run-b"])], "transformers", max_batch_size=4, device=CPU)
+    with uvicorn_server(create_app(engine, api_key="k")) as url:
+        api = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0)
         assert [m.id for m in api.models.list()] == ["run-a", "run-b", BASE_ID]
         messages = [{"role": "user", "content": QUESTIONS[1]}]
         answer = api.chat.completions.create(model="run-b", messages=messages, temperature=0, max_tokens=MAX_TOKENS)
@@ -411,8 +437,193 @@ def test_official_openai_client_against_uvicorn(dirs, references, tok):
                                              max_tokens=MAX_TOKENS, stream=True)
         assert "".join(chunk.choices[0].delta.content or "" for chunk in pieces) == expected
         with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bad", max_retries=0).models.list()
+            openai.OpenAI(base_url=f"{url}/v1", api_key="bad", max_retries=0).models.list()
+
+
+# ---------------------------------------------------------------------------- continuous batching
+
+def _submit(eng: Engine, model_id: str, question: str, max_tokens: int, **options: Any) -> dict[str, Any]:
+    """Submit one chat to ``eng``; the returned dict gets 'result' and the 'done' event is set when answered."""
+    ids = encode_prompt(eng.models[model_id].run, [Message("user", question)])
+    record: dict[str, Any] = {"done": threading.Event()}
+
+    def finish(result: Any) -> None:
+        record["result"] = result
+        record["done"].set()
+
+    options = {"temperature": 0, **options}
+    eng.submit(Job(model_id, [GenerationRow(ids, GenerationOptions(max_new_tokens=max_tokens, **options))],
+                   on_done=finish))
+    return record
+
+
+def _text(record: dict[str, Any]) -> str:
+    assert record["done"].wait(60)
+    return record["result"][0].text
+
+
+def test_continuous_batches_give_each_row_its_greedy_answer_alone(engine, references, tok, monkeypatch):
+    """Rows of three models join running batches mid-flight and leave at their own lengths, yet every
+    answer equals plain one-at-a-time greedy generation."""
+    joins: list[tuple[int, int]] = []  # (rows running, rows joining) at every prefill
+    widths: list[int] = []
+    add, step = DecodeBatch.add, DecodeBatch.step
+    monkeypatch.setattr(DecodeBatch, "add", lambda self, rows: (joins.append((len(self), len(rows))), add(self, rows)))
+    monkeypatch.setattr(DecodeBatch, "step", lambda self: (widths.append(len(self)), step(self)))
+    eng = Engine(engine.backend, max_batch_size=5)
+    eng.start()
+    plan_ = [("run-a", QUESTIONS[0], 4), ("run-b", QUESTIONS[1], 10), ("run-a", QUESTIONS[2], 10),
+             (BASE_ID, QUESTIONS[3], 7), ("run-a", QUESTIONS[4], 9), ("run-b", QUESTIONS[0], 3),
+             ("run-a", QUESTIONS[1], 10), (BASE_ID, QUESTIONS[2], 5), ("run-a", QUESTIONS[3], 6)]
+    try:
+        records = [_submit(eng, model, question, limit) for model, question, limit in plan_]
+        texts = [_text(record) for record in records]
     finally:
-        server.should_exit = True
-        thread.join(30)
-    assert not thread.is_alive()
+        eng.stop()
+    for (model, question, limit), text, record in zip(plan_, texts, records):
+        expected, generated = direct(references, tok, model, chat_ids(tok, question), limit)
+        assert text == expected, (model, question)
+        assert record["result"][0].completion_tokens == generated
+    assert max(widths) > 1  # rows really were generated together
+    assert any(running > 0 for running, _ in joins)  # and some joined a batch already running
+
+
+def test_seeded_sampling_does_not_depend_on_the_neighbours(engine):
+    eng = Engine(engine.backend, max_batch_size=8)
+    eng.start()
+    try:
+        alone = _text(_submit(eng, "run-a", QUESTIONS[2], 12, temperature=1.0, seed=123))
+        crowd = [_submit(eng, "run-a", QUESTIONS[0], 12, temperature=1.0),
+                 _submit(eng, "run-a", QUESTIONS[2], 12, temperature=1.0, seed=123),
+                 _submit(eng, "run-a", QUESTIONS[1], 12), _submit(eng, "run-a", QUESTIONS[2], 12, temperature=1.0,
+                                                                  seed=124)]
+        texts = [_text(record) for record in crowd]
+    finally:
+        eng.stop()
+    assert texts[1] == alone and texts[3] != alone
+
+
+def test_a_long_request_does_not_hold_back_a_short_one(engine):
+    eng = Engine(engine.backend, max_batch_size=2)
+    eng.start()
+    try:
+        long = _submit(eng, "run-a", QUESTIONS[0], 120)
+        deadline = time.time() + 30
+        while eng.running == 0 and time.time() < deadline:
+            time.sleep(0.001)
+        short = _submit(eng, "run-b", QUESTIONS[1], 3)
+        assert short["done"].wait(30)
+        long_was_running = not long["done"].is_set()
+        assert long["done"].wait(60)
+    finally:
+        eng.stop()
+    assert long_was_running and long["result"][0].completion_tokens == 120
+    assert short["result"][0].completion_tokens <= 3
+
+
+def test_only_models_whose_state_is_in_the_weights_are_stepped(references, dirs):
+    assert steppable(references["run-a"]) and steppable(references[BASE_ID])
+    prefix = get_peft_model(AutoModelForCausalLM.from_pretrained(dirs["base"]),
+                            PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    assert not steppable(prefix)  # its key/value prefix is not in our cache: inference.complete serves it
+    sliding = MistralConfig(num_hidden_layers=2, sliding_window=16)
+    assert not steppable(SimpleNamespace(config=sliding))
+
+
+def test_a_failing_step_is_a_500_and_the_lane_serves_on(engine, monkeypatch):
+    step, failures = DecodeBatch.step, []
+
+    def fails_once(self: DecodeBatch) -> None:
+        if not failures:
+            failures.append(len(self))
+            raise RuntimeError("secret internal detail")
+        step(self)
+
+    monkeypatch.setattr(DecodeBatch, "step", fails_once)
+    with TestClient(create_app(Engine(engine.backend))) as client:
+        response = ask(client, "run-a", "hi")
+        assert "secret" not in assert_openai_error(response, 500, "server_error")["message"]
+        assert ask(client, "run-a", "hi").status_code == 200
+    assert failures == [1]
+
+
+def test_prefill_groups_respect_the_token_budget():
+    assert prefill_groups("abcde", [10, 30, 5, 60, 2], budget=64) == [["a", "b"], ["c"], ["d"], ["e"]]
+    assert prefill_groups("ab", [100, 1], budget=64) == [["a"], ["b"]]  # a row longer than the budget still runs
+
+
+# ---------------------------------------------------------------------------- clients that go away
+
+class _SlowLanes:
+    """The real backend, but every lane step sleeps, and every row that leaves a lane is recorded."""
+
+    def __init__(self, inner: Any, delay: float):
+        self.inner, self.models, self.delay = inner, inner.models, delay
+        self.ended: list[Completion] = []
+
+    def run(self, model: ServedModel, rows: list[GenerationRow]) -> list[Completion]:
+        return self.inner.run(model, rows)
+
+    def lane(self, model: ServedModel) -> DecodeBatch:
+        lane = self.inner.lane(model)
+        step, pop = lane.step, lane.pop_finished
+
+        def slow_step() -> None:
+            time.sleep(self.delay)
+            step()
+
+        def recorded() -> list[tuple[GenerationRow, Completion]]:
+            ended = pop()
+            self.ended += [completion for _, completion in ended]
+            return ended
+
+        lane.step, lane.pop_finished = slow_step, recorded
+        return lane
+
+
+LONG = 400  # tokens; at 20 ms a step, 8 s if the request were not cancelled
+
+
+@pytest.fixture(scope="module")
+def slow_server(engine) -> Iterator[tuple[str, _SlowLanes]]:
+    """A one-slot server (max_batch_size=1), so a row that is not cancelled blocks every other request."""
+    slow = _SlowLanes(engine.backend, delay=0.02)
+    with uvicorn_server(create_app(Engine(slow, max_batch_size=1))) as url:
+        yield url, slow
+
+
+def _short_answer_seconds(url: str) -> float:
+    httpx = pytest.importorskip("httpx")
+    start = time.time()
+    body = {"model": "run-b", "messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 3}
+    assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 200
+    return time.time() - start
+
+
+def _long_body(stream: bool) -> dict[str, Any]:
+    return {"model": "run-a", "messages": [{"role": "user", "content": QUESTIONS[0]}], "temperature": 0,
+            "max_tokens": LONG, "stream": stream}
+
+
+def test_closed_non_streaming_request_frees_the_worker(slow_server, caplog):
+    httpx = pytest.importorskip("httpx")
+    url, slow = slow_server
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 0.5 s and closes the connection
+        httpx.post(f"{url}/v1/chat/completions", json=_long_body(False), timeout=httpx.Timeout(10, read=0.5))
+    assert _short_answer_seconds(url) < 4
+    cancelled = [c for c in slow.ended if c.finish_reason == "cancelled"]
+    assert len(cancelled) == 1 and cancelled[0].completion_tokens < LONG / 2
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]  # a quiet hang-up, no 500
+
+
+def test_closed_stream_frees_the_worker(slow_server, caplog):
+    httpx = pytest.importorskip("httpx")
+    url, slow = slow_server
+    before = len(slow.ended)
+    with httpx.Client(timeout=30) as client:
+        with client.stream("POST", f"{url}/v1/chat/completions", json=_long_body(True)) as response:
+            next(response.iter_lines())  # the stream has started; now the client hangs up
+    assert _short_answer_seconds(url) < 4
+    cancelled = [c for c in slow.ended[before:] if c.finish_reason == "cancelled"]
+    assert len(cancelled) == 1 and cancelled[0].completion_tokens < LONG / 2
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]

@@ -1,31 +1,40 @@
-"""Stage objectives (rm, dpo family, kto) against log-probs computed directly from model logits."""
+"""Stage objectives (rm, dpo family, kto) against log-probs computed directly from model logits; the stage registry."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tunelab.config import build_config
+from tunelab.config import RunConfig, build_config
 from tunelab.data.batching import collate_pairs, collate_unpaired
 from tunelab.data.records import Example, PairExample, UnpairedExample
 from tunelab.errors import ConfigError
 from tunelab.methods import get_method
+from tunelab.models.value_head import (attach_value_head, last_token_index, load_value_head, save_value_head,
+                                       sequence_scores)
+from tunelab.runs import RunDir
 from tunelab.score import score_main
 from tunelab.testing.tiny import tiny_llama
-from tunelab.train.loop import train
-from tunelab.train.objectives import build_objective
-from tunelab.train.value_head import (attach_value_head, last_token_index, load_value_head, save_value_head,
-                                      sequence_scores)
+from tunelab.train import run_stage
+from tunelab.train.loop import Trainer, train
+from tunelab.train.ppo import PPOTrainer
+from tunelab.train.stages import STAGE_NAMES, build_objective, get_stage
+from tunelab.train.stages.base import StageSpec
 
 BETA = 0.3
 
 
 # ------------------------------------------------------------------------------ helpers
 
+#: The size key of each method family these tests use (a key that does not apply to a type is an error).
+METHOD_SIZE = {"lora": {"r": 4}, "prefix": {"num_virtual_tokens": 3}}
+
+
 def stage_cfg(stage, method="lora", **pref):
-    return build_config({"stage": stage, "method": {"type": method, "r": 4, "num_virtual_tokens": 3},
+    return build_config({"stage": stage, "method": {"type": method, **METHOD_SIZE.get(method, {})},
                          "pref": {"beta": BETA, **pref}, "train": {"loss_chunk_size": 3}})
 
 
@@ -146,7 +155,7 @@ def test_dpo_reference_is_the_adapter_off_model_not_a_copy(tokenizer, method_typ
     batch = collate_pairs(PAIRS, tokenizer.pad_token_id, packing=method.supports_packing)
     objective.loss(model, batch)
     assert memory_fingerprint(model) == before
-    assert objective.reference.copy is None and objective.reference.shares_weights
+    assert objective.reference.copy is None
 
     base = tiny_llama(len(tokenizer))  # the same seed-0 weights the adapter was put on
     sums, counts = objective.reference_logps(batch)
@@ -286,3 +295,55 @@ def test_reward_model_trains_saves_and_scores_like_it_evaluated(tiny_model_dir, 
     margin_mean = sum(r["chosen_score"] - r["rejected_score"] for r in scored) / len(scored)
     assert chosen_mean == pytest.approx(final["eval_rewards/chosen"], abs=1e-4)
     assert margin_mean == pytest.approx(final["eval_rewards/margins"], abs=1e-4)
+
+
+# ------------------------------------------------------------------------------ the registry
+
+FIXTURES = Path(__file__).parent / "fixtures" / "llamafactory"
+#: A fixture dataset of the records each batch stage trains on (a new batch stage adds its own here).
+STAGE_DATA = {"pt": "c4_demo", "sft": "identity", "rm": "dpo_en_demo", "dpo": "dpo_en_demo", "kto": "kto_en_demo"}
+#: Keys every batch-loop row carries besides the stage's declared metrics.
+BATCH_ROW_KEYS = {"step", "epoch", "lr", "tokens_per_s", "grad_norm", "peak_memory_bytes"}
+
+
+@pytest.mark.parametrize("name", [name for name in STAGE_NAMES if get_stage(name).loop == "batch"])
+def test_batch_stages_log_the_metrics_they_declare(name, tiny_model_dir, tmp_path):
+    stage = get_stage(name)
+    out = RunDir(tmp_path / name)
+    cfg = build_config({"model": {"name_or_path": str(tiny_model_dir)}, "stage": name,
+                        "method": {"type": "lora", "r": 2},
+                        "data": {"dataset_dir": str(FIXTURES), "train": [STAGE_DATA[name]], "max_length": 64},
+                        "train": {"precision": "fp32", "batch_size": 2, "max_steps": 2}, "output_dir": str(out.root)})
+    result = run_stage(cfg, progress=False)
+    assert result.steps == 2
+    assert [set(row) for row in out.read_metrics()] == [BATCH_ROW_KEYS | set(stage.metrics)] * 2
+    status = out.read_status()
+    assert (status.status, status.step, status.total_steps, status.error) == ("finished", 2, 2, None)
+
+
+def test_stage_modules_declare_themselves():
+    for name in STAGE_NAMES:
+        stage = get_stage(name)
+        assert stage.name == name and stage.records and stage.metrics and "loss" in stage.metrics
+        assert stage.loop in ("batch", "rollout") and (stage.objective is None) == (stage.loop == "rollout")
+    assert get_stage("ppo").trainer is PPOTrainer and get_stage("sft").trainer is Trainer
+    assert RunConfig.model_fields["stage"].annotation.__args__ == STAGE_NAMES  # config types stage by the registry
+
+
+def test_unknown_stage_and_wrong_loop_are_config_errors(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="stage = 'sfft' is not one of pt, sft, rm"):
+        get_stage("sfft")
+    with pytest.raises(ConfigError, match="stage.*'sfft'"):
+        build_config({"stage": "sfft"})
+    cfg = build_config({"model": {"name_or_path": str(tiny_model_dir)}, "stage": "ppo",
+                        "output_dir": str(tmp_path / "run")})
+    with pytest.raises(ConfigError, match="stage 'ppo' is trained by PPOTrainer, not Trainer"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    with pytest.raises(ConfigError, match="trains in its own rollout loop"):
+        build_objective(cfg, None, None, None)
+
+
+def test_a_batch_stage_without_an_objective_is_refused_at_declaration():
+    with pytest.raises(ValueError, match="batch loop needs an objective"):
+        StageSpec(name="x", summary="", records=(), needs="", encoder=len, trainer=Trainer, metrics=("loss",))

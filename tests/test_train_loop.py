@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from tunelab.config import build_config
 from tunelab.data.records import Message
 from tunelab.inference import GenerationOptions, generate, load_run
+from tunelab.runs import RunDir
 from tunelab.train.loop import Trainer, train
 from tunelab.train.monitor import Monitor
 
@@ -73,6 +74,9 @@ def test_resumed_run_matches_uninterrupted(tiny_model_dir, identity_file, tmp_pa
     first = train(make_cfg(tiny_model_dir, identity_file, tmp_path / "cut", *opts), progress=False)
     assert first.interrupted and first.steps == 3
     assert not (tmp_path / "cut" / "adapter").exists()
+    stopped = RunDir(tmp_path / "cut").read_status()
+    assert (stopped.status, stopped.step, stopped.total_steps) == ("stopped", 3, 4)
+    assert "stopped at step 3: checkpoint saved" in RunDir(tmp_path / "cut").read_log()
     monkeypatch.setattr(Monitor, "advance", advance)
     resumed = train(make_cfg(tiny_model_dir, identity_file, tmp_path / "cut", *opts), resume=True, progress=False)
     assert resumed.steps == 4
@@ -83,12 +87,19 @@ def test_resumed_run_matches_uninterrupted(tiny_model_dir, identity_file, tmp_pa
     steps = [row["step"] for row in map(json.loads, (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines())
              if "loss" in row]
     assert steps == [1, 2, 3, 4]
+    assert RunDir(tmp_path / "cut").read_status().status == "finished"
 
 
-def test_run_directory_is_complete_and_reloads(tiny_model_dir, identity_file, tmp_path):
+def test_run_directory_is_complete_and_reloads(tiny_model_dir, identity_file, tmp_path, monkeypatch):
     cfg = make_cfg(tiny_model_dir, identity_file, tmp_path / "run", "train.max_steps=3", "train.save_every=1",
                    "train.keep_last=2", "data.eval_split=2")
+    writes = []
+    real_write = RunDir.write_config
+    monkeypatch.setattr(RunDir, "write_config", lambda self, c: (writes.append(self.root), real_write(self, c)))
     result = train(cfg, progress=False)
+    assert writes == [tmp_path / "run"]  # config.yaml is written once per run
+    log = RunDir(tmp_path / "run").read_log()
+    assert log.startswith("method lora: ") and "step 3/3 loss=" in log
     run = tmp_path / "run"
     for name in ("config.yaml", "adapter/adapter_config.json", "metrics.jsonl", "loss.png", "tokenizer.json"):
         assert (run / name).exists(), name
@@ -157,3 +168,6 @@ def test_out_of_memory_without_auto_batch_size_explains_the_fix(tiny_model_dir, 
     _oom_above_two_rows(monkeypatch)
     with pytest.raises(TunelabError, match="out of memory at step 1.*train.auto_batch_size=true"):
         train(make_cfg(tiny_model_dir, identity_file, tmp_path / "run", "data.packing=false"), progress=False)
+    failed = RunDir(tmp_path / "run").read_status()
+    assert failed.status == "failed" and failed.error.startswith("out of memory at step 1")
+    assert "failed: out of memory at step 1" in RunDir(tmp_path / "run").read_log()

@@ -6,17 +6,20 @@ exit with status 2; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import logging
 import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Callable, Optional, get_type_hints
 
 import typer
 
-from tunelab.errors import TunelabError
+from tunelab.errors import ConfigError, TunelabError
+from tunelab.generation_options import GenerationOptions
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # OpenMP threads that sleep instead of spinning while they wait: with more busy processes
@@ -55,29 +58,56 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # -- shared generation options ----------------------------------------------------------
-MaxNewTokens = Annotated[int, typer.Option(help="Most tokens to generate.")]
-Temperature = Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")]
-TopP = Annotated[float, typer.Option(help="Nucleus sampling threshold.")]
-TopK = Annotated[int, typer.Option(help="Sample among the k most likely tokens.")]
-RepetitionPenalty = Annotated[float, typer.Option(help=">1 discourages repeating tokens.")]
-NumBeams = Annotated[int, typer.Option(help="Beam search width (1 = no beam search).")]
-DoSample = Annotated[Optional[bool], typer.Option("--do-sample/--greedy", help="Force sampling or greedy.")]
-Seed = Annotated[Optional[int], typer.Option(help="Random seed for sampling.")]
+def _generation_flag(name: str) -> Any:
+    """Field ``name`` of :class:`GenerationOptions` as a typed flag: where it is declared once."""
+    spec = next(spec for spec in dataclasses.fields(GenerationOptions) if spec.name == name)
+    decls = [spec.metadata["flag"]] if spec.metadata["flag"] else []
+    return Annotated[get_type_hints(GenerationOptions)[name], typer.Option(*decls, help=spec.metadata["help"])]
 
 
-def _generation(max_new_tokens: int, temperature: float, top_p: float, top_k: int, repetition_penalty: float,
-                num_beams: int, do_sample: bool | None, seed: int | None):
-    from tunelab.inference import GenerationOptions
+def _generation_options(**defaults: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command a flag for every generation option, and the command one ``options`` argument.
 
-    return GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                             repetition_penalty=repetition_penalty, num_beams=num_beams, do_sample=do_sample,
-                             seed=seed)
+    Names, types, defaults and help come from :class:`GenerationOptions`, so chat and
+    predict stay alike (and like the server, whose request fields map onto that class).
+    ``defaults`` are the command's own (chat and predict decode greedily by default).
+    """
+    specs = dataclasses.fields(GenerationOptions)
+
+    def default(spec: dataclasses.Field) -> Any:
+        if spec.name in defaults:
+            return defaults[spec.name]
+        return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default  # type: ignore[misc]
+
+    flags = [inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=default(spec),
+                               annotation=_generation_flag(spec.name)) for spec in specs]
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "options"]
+
+        @functools.wraps(command)
+        def with_options(*args: Any, **kwargs: Any) -> Any:
+            options = GenerationOptions(**{spec.name: kwargs.pop(spec.name) for spec in specs})
+            return command(*args, options=options, **kwargs)
+
+        with_options.__signature__ = inspect.Signature(own + flags)  # type: ignore[attr-defined]
+        with_options.__annotations__ = {p.name: p.annotation for p in own + flags}
+        return with_options
+
+    return decorate
+
+
+#: eval decodes greedily (scores depend on the model alone) and takes only the answer length.
+MaxNewTokens = _generation_flag("max_new_tokens")
+# Only the person running a command may let model code run; a run directory's config.yaml never can.
+TrustRemoteCode = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="Allow the base model's own Python code (auto_map) to run. Only for code you trust.")]
 
 
 @app.command()
 @_friendly
 def train(
-    config: Annotated[Path, typer.Argument(help="YAML run file.")],
+    config: Annotated[Path, typer.Argument(help="YAML run file (tunelab's, or a LLaMA-Factory training YAML).")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="key.sub=value overrides.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in output_dir.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Start over in an output_dir that holds a run.")] = False,
@@ -85,9 +115,14 @@ def train(
 ) -> None:
     """Fine-tune a model as described by CONFIG."""
     from tunelab.config import load_config
+    from tunelab.config_llamafactory import read_llamafactory
     from tunelab.train import run_stage
 
-    cfg = load_config(config, overrides or [])
+    converted = read_llamafactory(config)  # None for a tunelab YAML
+    if converted is not None:
+        typer.secho(converted.notice(), fg=typer.colors.YELLOW, err=True)
+        resume, overwrite = resume or converted.resume, overwrite or converted.overwrite
+    cfg = converted.config(overrides or []) if converted else load_config(config, overrides or [])
     result = run_stage(cfg, resume=resume, overwrite=overwrite, progress=not quiet)
     state = "stopped (resume with --resume)" if result.interrupted else "done"
     eval_part = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
@@ -99,21 +134,31 @@ def train(
 
 @app.command()
 @_friendly
+@_generation_options(temperature=0.0)
 def chat(
     run: Annotated[str, typer.Argument(help="Run directory, or a base model (name, directory, .gguf).")],
     prompt: Annotated[Optional[str], typer.Option(help="Answer this once and exit.")] = None,
     system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
-    max_new_tokens: MaxNewTokens = 256, temperature: Temperature = 0.0, top_p: TopP = 1.0, top_k: TopK = 50,
-    repetition_penalty: RepetitionPenalty = 1.0, num_beams: NumBeams = 1, do_sample: DoSample = None,
-    seed: Seed = None,
+    stream: Annotated[Optional[bool], typer.Option(
+        "--stream/--no-stream", help="Print the answer as it is generated (default: yes, unless --num-beams > 1).")
+    ] = None,
+    trust_remote_code: TrustRemoteCode = False, *, options: GenerationOptions,
 ) -> None:
     """Chat with a trained run (streaming, multi-turn). Type 'exit' to quit, 'clear' to start over."""
     from tunelab.data.records import Message
-    from tunelab.inference import load_run, stream
+    from tunelab.inference import generate, load_run, stream as stream_answer
+    from tunelab.models.loader import remote_code_allowed
 
-    options = _generation(max_new_tokens, temperature, top_p, top_k, repetition_penalty, num_beams, do_sample,
-                          seed)
-    loaded = load_run(run)
+    if stream and options.num_beams > 1:
+        raise ConfigError(f"--stream cannot be used with --num-beams {options.num_beams}: beam search knows the best "
+                          "answer only when the search ends. Leave out --stream (answers then print whole), or use "
+                          "--num-beams 1.")
+    if stream is None and options.num_beams > 1:
+        typer.secho(f"note: --num-beams {options.num_beams}: each answer is printed when the beam search ends "
+                    "(beam search does not stream).", err=True)
+    streaming = stream if stream is not None else options.num_beams == 1
+    with remote_code_allowed(trust_remote_code):
+        loaded = load_run(run)
     history: list[Message] = [Message("system", system)] if system else []
     interactive = prompt is None
     while True:
@@ -134,7 +179,7 @@ def chat(
             text = prompt
         history.append(Message("user", text))
         answer = ""
-        for piece in stream(loaded, history, options):
+        for piece in stream_answer(loaded, history, options) if streaming else generate(loaded, [history], options):
             answer += piece
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -146,22 +191,21 @@ def chat(
 
 @app.command()
 @_friendly
+@_generation_options(temperature=0.0)
 def predict(
     run: Annotated[str, typer.Argument(help="Run directory, or a base model.")],
     data: Annotated[Path, typer.Option(help="Dataset file (alpaca, sharegpt, OpenAI messages).")],
     out: Annotated[Path, typer.Option(help="Output .jsonl: prompt, prediction, reference per record.")],
     batch_size: Annotated[int, typer.Option(help="Prompts generated together.")] = 8,
     max_samples: Annotated[Optional[int], typer.Option(help="Only the first N records.")] = None,
-    max_new_tokens: MaxNewTokens = 256, temperature: Temperature = 0.0, top_p: TopP = 1.0, top_k: TopK = 50,
-    repetition_penalty: RepetitionPenalty = 1.0, num_beams: NumBeams = 1, do_sample: DoSample = None,
-    seed: Seed = None,
+    trust_remote_code: TrustRemoteCode = False, *, options: GenerationOptions,
 ) -> None:
     """Generate an answer for every record of a dataset file."""
+    from tunelab.models.loader import remote_code_allowed
     from tunelab.predict import predict_file
 
-    options = _generation(max_new_tokens, temperature, top_p, top_k, repetition_penalty, num_beams, do_sample,
-                          seed)
-    count = predict_file(run, data, out, options, batch_size=batch_size, max_samples=max_samples)
+    with remote_code_allowed(trust_remote_code):
+        count = predict_file(run, data, out, options, batch_size=batch_size, max_samples=max_samples)
     typer.echo(f"wrote {count} predictions to {out}")
 
 
@@ -169,13 +213,25 @@ def predict(
 @_friendly
 def export(
     run: Annotated[Path, typer.Argument(help="Run directory.")],
-    out: Annotated[Path, typer.Option(help="Directory for the merged transformers model.")],
+    out: Annotated[Path, typer.Option(help="Output directory (replaced as a whole when the export is complete).")],
+    fmt: Annotated[str, typer.Option("--format", help="safetensors (a transformers directory) or gguf (llama.cpp, "
+                                                      "Ollama).")] = "safetensors",
+    dtype: Annotated[Optional[str], typer.Option(help="bf16 | fp16 | fp32; default: the base model's own.")] = None,
+    gguf_type: Annotated[Optional[str], typer.Option(help="With --format gguf: f16 | bf16 | q8_0 | f32; default: "
+                                                          "the --dtype's.")] = None,
+    ollama: Annotated[bool, typer.Option(help="With --format gguf: also write an Ollama Modelfile.")] = False,
+    adapter_only: Annotated[bool, typer.Option(help="Write the adapter alone, as a PEFT directory (no merge).")
+                            ] = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
-    """Merge the trained method into the base and write a plain transformers model directory."""
-    from tunelab.export.merge import export_run
+    """Merge the trained method into the base and write it (transformers directory or GGUF), or the adapter alone."""
+    from tunelab.export.main import export_main
+    from tunelab.models.loader import remote_code_allowed
 
-    export_run(run, out)
-    typer.echo(f"merged model written to {out} (loads with AutoModelForCausalLM.from_pretrained)")
+    with remote_code_allowed(trust_remote_code):
+        lines = export_main(run, out, fmt, dtype, gguf_type, adapter_only, ollama)
+    for line in lines:
+        typer.echo(line)
 
 
 @app.command("eval")
@@ -190,11 +246,15 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="Records per forward/generation batch.")] = 8,
     max_new_tokens: MaxNewTokens = 128,
     chat_format: Annotated[bool, typer.Option(help="choice: ask through the chat template.")] = True,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Evaluate a run: perplexity, generation metrics (BLEU/ROUGE/exact match) or multiple choice."""
     from tunelab.evaluate import eval_main
+    from tunelab.models.loader import remote_code_allowed
 
-    eval_main(run, task, data, compare_base, shots, max_samples, batch_size, max_new_tokens, chat_format=chat_format)
+    with remote_code_allowed(trust_remote_code):
+        eval_main(run, task, data, compare_base, shots, max_samples, batch_size, max_new_tokens,
+                  chat_format=chat_format)
 
 
 @app.command("compare")
@@ -239,11 +299,14 @@ def score(
     data: Annotated[Path, typer.Option(help="Dataset file: conversations or preference pairs.")],
     out: Annotated[Path, typer.Option(help="Output .jsonl with a score per response.")],
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Score responses with a trained reward model."""
+    from tunelab.models.loader import remote_code_allowed
     from tunelab.score import score_main
 
-    summary = score_main(run, str(data), str(out), batch_size)
+    with remote_code_allowed(trust_remote_code):
+        summary = score_main(run, str(data), str(out), batch_size)
     accuracy = f", pair accuracy {summary.accuracy:.3f}" if summary.accuracy is not None else ""
     typer.echo(f"scored {summary.responses} responses{accuracy} -> {summary.out}")
 
@@ -257,21 +320,99 @@ def serve(
     api_key: Annotated[Optional[str], typer.Option(envvar="TUNELAB_API_KEY",
                                                    help="Require 'Authorization: Bearer KEY'.")] = None,
     backend: Annotated[str, typer.Option(help="transformers, or vllm (CUDA + vllm installed).")] = "transformers",
-    max_batch_size: Annotated[int, typer.Option(help="Most sequences generated together in one batch.")] = 8,
+    max_batch_size: Annotated[int, typer.Option(help="Most sequences generated together (continuous batching).")] = 32,
+    max_tokens: Annotated[int, typer.Option(help="Longest answer one request may ask for (also capped by the "
+                                                 "model's context).")] = 1024,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body accepted; larger ones get a 413.")
+                              ] = 2 * 1024 * 1024,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Serve runs (and their base) behind an OpenAI-compatible API."""
+    from tunelab.models.loader import remote_code_allowed
     from tunelab.serve import serve_main
 
-    serve_main(runs, host, port, api_key, backend, max_batch_size)
+    with remote_code_allowed(trust_remote_code):
+        serve_main(runs, host, port, api_key, backend, max_batch_size, max_tokens, max_body_bytes)
+
+
+@app.command()
+@_friendly
+def webui(
+    host: Annotated[str, typer.Option(help="Address to listen on; other than localhost needs --api-key.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 7860,
+    runs_dir: Annotated[Path, typer.Option(help="Directory of the runs to show and start.")] = Path("runs"),
+    api_key: Annotated[Optional[str], typer.Option(envvar="TUNELAB_API_KEY",
+                                                   help="Require this key: browsers sign in at /login, scripts "
+                                                        "send 'Authorization: Bearer KEY'.")] = None,
+) -> None:
+    """Browser UI and JSON API: train, watch runs live, chat, evaluate, export, compare (runs outlive it)."""
+    from tunelab.webui import webui_main
+
+    webui_main(host, port, runs_dir, api_key)
 
 
 @app.command("config-keys")
-def config_keys() -> None:
-    """List every valid configuration key."""
-    from tunelab.config import VALID_KEYS
+@_friendly
+def config_keys(
+    method: Annotated[Optional[str], typer.Option(help="Only this method type's keys in the method section.")] = None,
+    stage: Annotated[Optional[str], typer.Option(help="Leave out the sections this stage does not read.")] = None,
+) -> None:
+    """List every configuration key with its type, default and what it does."""
+    from tunelab.config import describe_keys
 
-    for key in VALID_KEYS:
-        typer.echo(key)
+    groups = describe_keys(method, stage)
+    width = max(len(doc.key) for group in groups for doc in group.keys)
+    for group in groups:
+        typer.secho(f"\n{group.title}", bold=True)
+        for doc in group.keys:
+            default = f" = {doc.default}" if doc.default else ""
+            typer.echo(f"  {doc.key:<{width}}  {doc.type}{default}")
+            typer.echo(f"  {'':<{width}}  {doc.help}")
+
+
+config_app = typer.Typer(no_args_is_help=True, help="Work with config files.")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("convert")
+@_friendly
+def config_convert(
+    config: Annotated[Path, typer.Argument(help="A LLaMA-Factory training YAML.")],
+) -> None:
+    """Print the tunelab YAML equivalent of a LLaMA-Factory training YAML (redirect it to a file)."""
+    from tunelab.config_llamafactory import read_llamafactory
+    from tunelab.errors import ConfigError
+
+    converted = read_llamafactory(config)
+    if converted is None:
+        raise ConfigError(f"{config} is not a LLaMA-Factory training YAML (it has tunelab sections, or none of "
+                          "model_name_or_path, finetuning_type, dataset); tunelab reads it as it is.")
+    typer.echo(converted.to_yaml(), nl=False)
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Prepare and inspect a run's training data.")
+app.add_typer(data_app, name="data")
+ConfigOverrides = Annotated[Optional[list[str]], typer.Argument(help="key.sub=value overrides.")]
+
+
+@data_app.command("prepare")
+@_friendly
+def data_prepare(config: Annotated[Path, typer.Argument(help="YAML run file.")],
+                 overrides: ConfigOverrides = None) -> None:
+    """Tokenize and cache CONFIG's data (no training); print what became of the records."""
+    from tunelab.data_commands import prepare_main
+
+    typer.echo(prepare_main(config, overrides or []))
+
+
+@data_app.command("preview")
+@_friendly
+def data_preview(config: Annotated[Path, typer.Argument(help="YAML run file.")], overrides: ConfigOverrides = None,
+                 n: Annotated[int, typer.Option("-n", help="Examples to show.")] = 3) -> None:
+    """Show the first examples as the model sees them, the supervised spans marked [[ ]]."""
+    from tunelab.data_commands import preview_main
+
+    typer.echo(preview_main(config, overrides or [], n))
 
 
 def main() -> None:  # pragma: no cover - console entry point

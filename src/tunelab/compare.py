@@ -156,7 +156,8 @@ def compare(config: str | Path, overrides: list[str], methods: list[str], out_di
     if unknown:
         raise ConfigError(f"--methods names unknown method(s) {unknown}; known: {', '.join(sorted(METHODS))}.")
     per_method = _split_method_overrides(method_overrides or [], methods, set(METHODS))
-    probe = load_config(config, overrides)
+    # the job's own checks; as the first method, so method keys meant for others are dropped, not errors
+    probe = load_config(config, [*overrides, *(f"method.type={m}" for m in methods[:1])])
     if not probe.data.eval and not probe.data.eval_split:
         raise ConfigError("compare needs an eval set to tell methods apart: set data.eval or data.eval_split.")
     out = Path(out_dir)

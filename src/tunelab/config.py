@@ -2,117 +2,185 @@
 
 One YAML file describes one run; ``key.sub=value`` overrides on the command line patch it.
 Every section forbids unknown keys, and a misspelt key is reported with the nearest valid
-one. The fully resolved config is written into the run directory so that every later
-command (chat, predict, export, serve, eval) needs only the run's path.
+one (names users bring from LLaMA-Factory and Hugging Face are recognised). The fully
+resolved config is written into the run directory so that every later command (chat,
+predict, export, serve, eval) needs only the run's path.
+
+The ``method`` section is a union discriminated by ``method.type``: each method declares
+its config class next to its implementation in :mod:`tunelab.methods`, and the methods
+registry says which class a type uses, so a key that does not apply to the chosen type
+is an error rather than silently unused. This module defines the part every type shares
+(:class:`MethodConfig`); it reads the registry lazily, because the method modules build
+on this one.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import importlib
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidatorFunctionWrapHandler,
+                      field_validator, model_validator)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from tunelab.errors import ConfigError
 from tunelab.io import write_text
+from tunelab.train.stages import STAGE_NAMES
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+#: The method a config without ``method.type`` trains.
+DEFAULT_METHOD = "lora"
 
-MethodType = Literal[
-    "full", "freeze", "lora", "dora", "rslora", "pissa", "loraplus", "qlora", "adalora", "ia3",
-    "prefix", "prompt", "ptuning", "ptuning_v2",
-    "houlsby", "pfeiffer", "parallel", "adapter_fusion", "mam",
-]
-Stage = Literal["pt", "sft", "rm", "dpo", "kto", "ppo"]
+#: Training stages, from the stage registry (one module per stage in tunelab/train/stages/).
+Stage = Literal[STAGE_NAMES]  # type: ignore[valid-type]
+#: Experiment trackers ``train.report_to`` may name (implemented in :mod:`tunelab.trackers`).
+TrackerName = Literal["tensorboard", "mlflow", "wandb", "trackio"]
 
 
 class Section(BaseModel):
     """Base for config sections: unknown keys are errors, values are re-validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    #: The stages that read this section; empty = every stage (``config-keys --stage`` narrows by it).
+    stages: ClassVar[tuple[str, ...]] = ()
 
 
 class ModelConfig(Section):
-    name_or_path: str = Field(DEFAULT_MODEL, description="Embedded model name, local HF directory, or .gguf file.")
-    gguf_file: str | None = Field(None, description="GGUF file name inside name_or_path, when it is a directory.")
+    """The base model and how it is loaded."""
+
+    name_or_path: str = Field(DEFAULT_MODEL, description="Embedded model name, local HF directory, .gguf file, or a "
+                                                        "Hugging Face hub id (org/name; downloaded once into the hub "
+                                                        "cache, HF_HOME and HF_HUB_OFFLINE honoured).")
+    gguf_file: str | None = Field(None, description="GGUF file name inside name_or_path, when it is a directory "
+                                                    "or a hub repository.")
+    revision: str | None = Field(None, description="Hub id only: branch, tag or commit to download (default: main).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Dtype of the frozen base weights; auto = float32 on CPU, bfloat16 on capable GPUs.")
     quantization: Literal["none", "4bit", "8bit"] = Field(
         "none", description="Load the base through bitsandbytes (qlora sets 4bit when left at none).")
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    attn_implementation: str = Field("sdpa", description="sdpa, eager, flash_attention_2, ...")
-    trust_remote_code: bool = False
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: nf4 (QLoRA's normal float) or fp4.")
+    double_quant: bool = Field(True, description="4-bit: quantize the quantization constants too (less memory).")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype 4-bit layers compute in; auto = the dtype of the float parts.")
+    attn_implementation: str = Field("sdpa", description="Attention kernel: sdpa, eager, flash_attention_2, ...")
+    trust_remote_code: bool = Field(False, description="Allow Python code shipped with the model to run on load.")
 
 
-class MethodConfig(Section):
-    type: MethodType = "lora"
-    init_from: str | None = Field(None, description="Continue training from the adapter of this run directory.")
-    # LoRA family
-    r: int = Field(8, gt=0)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target: Union[str, list[str]] = Field("all-linear", description="'all-linear', a module name, or a list.")
-    modules_to_save: list[str] = Field(default_factory=list)
-    use_dora: bool = False
-    use_rslora: bool = False
-    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
-    loraplus_lr_ratio: float | None = Field(None, gt=0, description="LoRA+: learning rate of B = lr x ratio.")
-    # AdaLoRA
-    init_r: int = 12
-    target_r: int = 8
-    tinit: int = 0
-    tfinal: int = 0
-    deltaT: int = 1
-    # IA3
-    feedforward_modules: list[str] | None = None
-    # freeze-tuning
-    trainable_layers: int = Field(2, ge=0, description="freeze: train the last N decoder layers.")
-    trainable_modules: list[str] = Field(default_factory=list, description="freeze: extra name patterns to train.")
-    # prompt learning
-    num_virtual_tokens: int = Field(20, gt=0)
-    prefix_projection: bool = False
-    encoder_hidden_size: int | None = None
-    encoder_type: Literal["mlp", "lstm"] = "mlp"
-    prompt_init_text: str | None = Field(
-        None, description="prompt: initialise the virtual tokens at this text's embeddings; prefix, ptuning_v2 and "
-                          "mam (without prefix_projection): at the base's key/values of this text.")
-    # bottleneck adapters
-    reduction_factor: int = Field(16, gt=0, description="Adapter bottleneck = hidden size / reduction_factor.")
-    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"
-    scaling: float = 1.0
-    drop_layers: int = Field(0, ge=0, description="AdapterDrop: skip adapters in the first N layers.")
-    drop_at: Literal["train", "inference", "both"] = "both"
-    fusion_adapters: list[str] = Field(default_factory=list, description="adapter_fusion: run dirs of trained adapters.")
+class _ConfigForType(type(BaseModel)):  # type: ignore[misc]
+    """Metaclass of :class:`MethodConfig`: calling the base class builds the config of ``type``.
+
+    ``MethodConfig(type="houlsby", reduction_factor=4)`` returns the Houlsby config, so code
+    that only knows a type name (tests, ``compare``, notebooks) needs no lookup. It keeps the
+    keys that apply to that type and drops the rest, like ``compare`` does with settings meant
+    for other methods; the per-type classes themselves, YAML files and overrides are strict.
+    """
+
+    def __call__(cls, *args: Any, **data: Any) -> Any:
+        if cls is not MethodConfig or args:
+            return super().__call__(*args, **data)
+        target = method_config_class(data.get("type", DEFAULT_METHOD))
+        applicable = {key: value for key, value in data.items() if key in target.model_fields}
+        return super(_ConfigForType, target).__call__(**applicable)
+
+
+class MethodConfig(Section, metaclass=_ConfigForType):
+    """What every method type has; each type's own keys live in its config class in methods/."""
+
+    type: str = Field(DEFAULT_METHOD, description="The fine-tuning method; `tunelab config-keys --method TYPE` "
+                                                  "lists the keys of one type.")
+    init_from: str | None = Field(None, description="Continue training from the weights of this run directory.")
+
+    @model_validator(mode="after")
+    def _type_uses_this_class(self) -> "MethodConfig":
+        """A per-type class only configures the types registered with it."""
+        expected = method_config_class(self.type)
+        if expected is not type(self):
+            raise ValueError(f"method.type '{self.type}' is configured by {expected.__name__}, not "
+                             f"{type(self).__name__}")
+        return self
+
+
+#: The package whose import registers every method type with its config class.
+METHODS_PACKAGE = "tunelab.methods"
+
+
+def registered_methods() -> dict[str, Any]:
+    """``tunelab.methods.METHODS``: method type -> its ``Method`` class.
+
+    Resolved by name when first needed, like the stage registry resolves stage modules: the
+    method modules build on this one (their config classes subclass :class:`MethodConfig`),
+    so this module cannot import them, yet validating ``method:`` needs their classes.
+    """
+    return importlib.import_module(METHODS_PACKAGE).METHODS
+
+
+def method_config_classes() -> dict[str, type[MethodConfig]]:
+    """Every registered method type -> its config class (declared beside the method)."""
+    return {name: method.config_class for name, method in registered_methods().items()}
+
+
+def method_config_class(type_name: str) -> type[MethodConfig]:
+    """The config class of ``method.type``; an unknown type is a ValidationError on ``type``."""
+    classes = method_config_classes()
+    if type_name not in classes:
+        close = difflib.get_close_matches(str(type_name), classes, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        error = PydanticCustomError("method_type", "'{name}' is not a method type.{hint} Known types: {known}",
+                                    {"name": type_name, "hint": hint, "known": ", ".join(sorted(classes))})
+        raise ValidationError.from_exception_data(
+            "MethodConfig", [InitErrorDetails(type=error, loc=("type",), input=type_name)])
+    return classes[type_name]
+
+
+def keep_applicable(section: Mapping[str, Any], type_name: str) -> dict[str, Any]:
+    """The keys of a method section that apply to ``type_name`` (``type`` set to it).
+
+    Used where keys were written for another type: a saved run config from before per-type
+    method configs (every key of every type), or an override that switches ``method.type``.
+    """
+    fields = method_config_class(type_name).model_fields
+    return {**{key: value for key, value in section.items() if key in fields}, "type": type_name}
 
 
 class DataConfig(Section):
+    """Which datasets, and how records become training rows."""
+
     dataset_dir: str = Field("data", description="Directory holding dataset_info.json (LLaMA-Factory layout).")
-    train: list[str] = Field(default_factory=list, description="Registry names or file paths.")
-    eval: list[str] = Field(default_factory=list)
+    train: list[str] = Field(default_factory=list, description="Training datasets: registry names or file paths.")
+    eval: list[str] = Field(default_factory=list, description="Evaluation datasets: registry names or file paths.")
     weights: list[float] | None = Field(None, description="Mixing weights for data.train (sampling probabilities).")
-    max_length: int = Field(1024, gt=8)
-    max_samples: int | None = Field(None, gt=0)
+    max_length: int = Field(1024, gt=8, description="Tokens per example; longer examples are truncated.")
+    max_samples: int | None = Field(None, gt=0, description="Use at most this many records of each dataset.")
     eval_split: float = Field(0.0, ge=0, description="Fraction (<1) or count (>=1) of train held out for eval.")
     template: str = Field("auto", description="auto = the tokenizer's chat template; or chatml, llama3, alpaca.")
     system: str | None = Field(None, description="System prompt used when a record has none.")
-    train_on_prompt: bool = False
-    mask_history: bool = False
+    train_on_prompt: bool = Field(False, description="Also train on the prompt tokens, not only on the answers.")
+    mask_history: bool = Field(False, description="Multi-turn: train only on the last answer, not earlier ones.")
     packing: Union[bool, Literal["auto"]] = Field(
-        "auto", description="true: examples packed into one row that never attend to each other (padding-free; "
-                            "fastest with flash-attention's varlen kernels). false: length-grouped right padding "
-                            "without an attention mask (fused causal SDPA; fastest on CPU). auto: true only under "
-                            "flash_attention_*.")
+        "auto", description="true: pack examples into rows where they never attend to each other (padding-free, "
+                            "fastest under flash-attention varlen); false: length-grouped padding (fastest on "
+                            "CPU); auto: true only under flash_attention_*.")
     pad_to_multiple_of: int = Field(64, ge=1, description="Padded batches: round the width up to a multiple of "
-                                                          "this (never beyond max_length), so few distinct shapes "
-                                                          "reuse compiled kernels. 1 = longest example.")
-    group_by_length: bool = True
+                                                          "this (never beyond max_length) so compiled kernels are "
+                                                          "reused; 1 = longest example.")
+    group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding).")
     separate_documents: bool = Field(True, description="pt: documents never attend to each other in a block.")
-    on_error: Literal["raise", "skip"] = "raise"
+    on_error: Literal["raise", "skip"] = Field("raise", description="A malformed record stops the run, or is "
+                                                                    "skipped and counted.")
+    num_workers: int | None = Field(None, ge=1, description="Processes that convert and tokenize (datasets map "
+                                                             "num_proc); null = the number of CPU cores.")
+    cache_dir: str | None = Field(None, description="Tokenized-dataset cache; null = $TUNELAB_CACHE/data "
+                                                    "(default ~/.cache/tunelab/data).")
+    streaming: bool = Field(False, description="pt/sft: read, tokenize, shuffle and pack on the fly instead of "
+                                               "caching (corpora larger than memory or disk).")
+    shuffle_buffer: int = Field(10000, gt=0, description="streaming: records shuffled together (one window).")
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -121,76 +189,168 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, gt=0, description="Overrides epochs when set.")
+    """The optimisation: length, batch, learning rate, precision, logging and checkpoints."""
+
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed).")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs when set.")
     batch_size: int = Field(4, gt=0, description="Examples per micro-batch.")
-    grad_accum: int = Field(1, gt=0)
-    lr: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    scheduler: Literal["linear", "cosine", "constant"] = "cosine"
-    warmup_ratio: float = Field(0.0, ge=0, le=1)
-    warmup_steps: int | None = Field(None, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = "adamw"
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    seed: int = 42
-    log_every: int = Field(1, gt=0)
-    save_every: int | None = Field(None, gt=0)
-    keep_last: int = Field(2, gt=0)
-    eval_every: int | None = Field(None, gt=0)
-    eval_base: bool = Field(False, description="Before training, evaluate the base model (method switched off) "
-                                               "and log base_eval_loss, to see whether fine-tuning helped.")
-    gradient_checkpointing: bool = False
-    loss_chunk_size: int = Field(256, ge=0, description="Tokens per chunk of the LM-head loss; 0 = unchunked. "
-                                                         "Smaller chunks hold fewer logits (49k vocab: 256 rows = 50 MB "
-                                                         "in fp32) at no measured speed cost.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate (ppo and grpo default to their method's "
+                                              "RL rate: 5e-4 for adapters, 1e-5 for full/freeze).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "cosine", description="Learning-rate decay after warmup.")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Fraction of the steps spent warming the lr up.")
+    warmup_steps: int | None = Field(None, ge=0, description="Warmup steps; overrides warmup_ratio when set.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; null = no clipping.")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = Field(
+        "adamw", description="Optimizer; the 8-bit and paged ones need bitsandbytes.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's (beta1, beta2).")
+    adam_eps: float = Field(1e-8, description="AdamW's epsilon.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Mixed precision; auto = bf16 where supported, fp16 on older GPUs, else fp32.")
+    seed: int = Field(42, description="Seed of initialisation, data order and dropout.")
+    log_every: int = Field(1, gt=0, description="Write metrics every N optimizer steps.")
+    save_every: int | None = Field(None, gt=0, description="Checkpoint every N steps (for --resume); null = never.")
+    keep_last: int = Field(2, gt=0, description="Checkpoints kept; older ones are deleted.")
+    eval_every: int | None = Field(None, gt=0, description="Evaluate every N steps (and always at the end).")
+    eval_base: bool = Field(False, description="Before training, log the base model's eval loss (method "
+                                               "switched off), to see whether fine-tuning helped.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: "
+                                                            "less memory, slower steps.")
+    loss_chunk_size: int = Field(256, ge=0, description="Tokens per chunk of the LM-head loss (fewer logits held "
+                                                         "at once, no measured speed cost); 0 = unchunked.")
     auto_batch_size: bool = Field(False, description="On out-of-memory, split micro-batches in two and double "
                                                       "accumulation (global batch unchanged).")
+    report_to: list[TrackerName] = Field(
+        default_factory=list, description="Experiment trackers that also get every logged metric (main process "
+                                          "only): tensorboard, mlflow, wandb, trackio. Empty: nothing is sent.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_list(cls, value: Any) -> Any:
+        """LLaMA-Factory writes one name, or "none"."""
+        if isinstance(value, str):
+            return [] if value == "none" else [value]
+        return value
 
 
 class PrefConfig(Section):
-    """Preference stages (rm, dpo, kto)."""
+    """Preference stages (rm, dpo, kto) and the reference model of ppo and grpo."""
 
-    loss: Literal["sigmoid", "ipo", "hinge", "orpo", "simpo"] = "sigmoid"
-    beta: float = Field(0.1, gt=0)
+    stages: ClassVar[tuple[str, ...]] = ("rm", "dpo", "kto", "ppo", "grpo")
+
+    loss: Literal["sigmoid", "ipo", "hinge", "orpo", "simpo"] = Field(
+        "sigmoid", description="Preference loss: sigmoid (DPO), ipo, hinge, orpo or simpo.")
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model.")
     ftx: float = Field(0.0, ge=0, description="Weight of an added SFT loss on the chosen answers.")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
-    simpo_gamma: float = 0.5
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed share of flipped labels (sigmoid "
+                                                                  "loss: conservative DPO).")
+    simpo_gamma: float = Field(0.5, description="SimPO's target reward margin.")
     ref_on_cpu: bool = Field(False, description="Full fine-tuning: keep the frozen reference copy on CPU.")
-    desirable_weight: float = Field(1.0, gt=0)
-    undesirable_weight: float = Field(1.0, gt=0)
+    desirable_weight: float = Field(1.0, gt=0, description="KTO: loss weight of desirable answers.")
+    undesirable_weight: float = Field(1.0, gt=0, description="KTO: loss weight of undesirable answers.")
 
 
 class PPOConfig(Section):
+    """PPO: where rewards come from, rollouts, and the clipped policy/value updates."""
+
+    stages: ClassVar[tuple[str, ...]] = ("ppo",)
+
     reward_model: str | None = Field(None, description="Run directory of a trained reward model (stage rm).")
     reward_fn: str | None = Field(None, description="'module:function' scoring (prompt, response) -> float.")
-    rollout_batch_size: int = Field(8, gt=0)
-    mini_batch_size: int = Field(4, gt=0)
-    ppo_epochs: int = Field(2, gt=0)
-    max_new_tokens: int = Field(32, gt=0)
-    temperature: float = Field(1.0, gt=0)
-    top_k: int = 0
-    top_p: float = 1.0
-    kl_coef: float = Field(0.05, ge=0)
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    whiten_rewards: bool = True
+    rollout_batch_size: int = Field(8, gt=0, description="Prompts answered per PPO step.")
+    mini_batch_size: int = Field(4, gt=0, description="Rollouts per policy update.")
+    ppo_epochs: int = Field(2, gt=0, description="Passes over each step's rollouts.")
+    max_new_tokens: int = Field(32, gt=0, description="Longest sampled answer.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
+    top_k: int = Field(0, description="Sample among the k most likely tokens; 0 = all.")
+    top_p: float = Field(1.0, description="Nucleus sampling threshold of the rollouts.")
+    kl_coef: float = Field(0.05, ge=0, description="Per-token KL penalty against the reference model.")
+    gamma: float = Field(1.0, description="Discount factor of the returns.")
+    lam: float = Field(0.95, description="GAE lambda of the advantages.")
+    cliprange: float = Field(0.2, description="Clip of the policy ratio.")
+    cliprange_value: float = Field(0.2, description="Clip of the value-function update.")
+    vf_coef: float = Field(0.1, description="Weight of the value loss.")
+    whiten_rewards: bool = Field(True, description="Normalise rewards per batch before computing advantages.")
+
+
+class GRPOConfig(Section):
+    """GRPO family (RL with verifiable rewards): groups of sampled answers, rule rewards, clipped updates."""
+
+    stages: ClassVar[tuple[str, ...]] = ("grpo",)
+
+    reward_fns: list[Union[str, dict[str, Any]]] = Field(
+        default_factory=list, description="Reward functions: built-ins accuracy, format, length; 'module:function'; "
+                                          "'path/to/file.py:function'; or {fn: ..., name: ..., <argument>: <value>}.")
+    reward_weights: list[float] | None = Field(None, description="Weight of each reward function in the total; "
+                                                                 "null = 1 each.")
+    reward_inputs: Literal["text", "messages"] = Field(
+        "text", description="Prompts and completions reach reward functions as strings, or as chat messages "
+                            "(TRL's conversational format).")
+    prompts_per_step: int = Field(4, gt=0, description="Prompts per step; each is answered num_generations times.")
+    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt: the group G.")
+    max_new_tokens: int = Field(64, gt=0, description="Longest sampled completion.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the completions.")
+    top_k: int = Field(0, ge=0, description="Sample among the k most likely tokens; 0 = all.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold of the completions.")
+    loss: Literal["grpo", "dapo", "bnpo", "dr_grpo", "gspo"] = Field(
+        "dapo", description="Normalisation of the token losses: grpo (per completion, then mean), dapo (per token "
+                            "of the step), bnpo (per token of the micro-batch), dr_grpo (constant), gspo "
+                            "(sequence-level ratio).")
+    advantage: Literal["group", "rloo"] = Field("group", description="Baseline: the group mean, or rloo (the "
+                                                                     "mean of the other completions).")
+    scale_rewards: bool | None = Field(None, description="Divide advantages by the group's reward std; null = "
+                                                         "true, false for dr_grpo.")
+    beta: float = Field(0.0, ge=0, description="Weight of the KL to the reference (k3); 0 skips the reference "
+                                               "forward.")
+    epsilon: float | None = Field(None, gt=0, description="Lower clip of the ratio; null = 0.2 (3e-4 for gspo).")
+    epsilon_high: float | None = Field(None, gt=0, description="Upper clip (DAPO's clip-higher); null = 0.28 for "
+                                                               "dapo, 4e-4 for gspo, else epsilon.")
+    num_iterations: int = Field(1, gt=0, description="Optimizer updates per batch of completions; above 1 the "
+                                                     "sampling policy's log-probs are kept for the ratio.")
+
+
+#: ``train.lr`` of the RL stages when a run sets none (:meth:`RunConfig._rl_default_lr`).
+RL_STAGES: tuple[str, ...] = ("ppo", "grpo")
+RL_DEFAULT_LR = {"adapter": 5e-4, "base_weights": 1e-5}
+
+
+def rl_default_lr(method_type: str) -> float:
+    """The RL learning rate of a method type: adapters (LoRA family, prompts, bottlenecks) or base weights.
+
+    RL moves the policy on one sparse, noisy reward per answer, a weaker gradient than SFT's
+    per-token targets, so adapters need a larger step than the SFT default to change the
+    answers within tens of steps (PPO, LoRA r8, 40 steps: the reward fell at 5e-5 and rose
+    at 5e-4); methods that train the base weights move every parameter and take a far
+    smaller one.
+    """
+    return RL_DEFAULT_LR["base_weights" if registered_methods()[method_type].trains_base_weights else "adapter"]
 
 
 class RunConfig(Section):
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    method: MethodConfig = Field(default_factory=MethodConfig)
-    stage: Stage = "sft"
-    data: DataConfig = Field(default_factory=DataConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    pref: PrefConfig = Field(default_factory=PrefConfig)
-    ppo: PPOConfig = Field(default_factory=PPOConfig)
-    output_dir: str = "runs/run"
+    """One run: what to train (model, method), on what (data), how (train, pref, ppo), and where."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The base model and how it is loaded.")
+    method: SerializeAsAny[MethodConfig] = Field(default_factory=lambda: MethodConfig(type=DEFAULT_METHOD),
+                                                 description="How the base model becomes trainable.")
+    stage: Stage = Field("sft", description=f"Training stage: {', '.join(STAGE_NAMES)}.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Datasets and their tokenization.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation, logging and checkpoints.")
+    pref: PrefConfig = Field(default_factory=PrefConfig, description="Preference-stage settings.")
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO settings.")
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="GRPO-family settings.")
+    output_dir: str = Field("runs/run", description="The run directory this run writes.")
+
+    @field_validator("method", mode="wrap")
+    @classmethod
+    def _config_of_the_type(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> MethodConfig:
+        """Validate a method section with the class of its ``type``: its keys, and only those."""
+        if isinstance(value, MethodConfig):
+            return value
+        if isinstance(value, Mapping):
+            return method_config_class(value.get("type", DEFAULT_METHOD)).model_validate(dict(value))
+        return handler(value)
 
     @model_validator(mode="after")
     def _qlora_loads_a_4bit_base(self) -> "RunConfig":
@@ -199,70 +359,242 @@ class RunConfig(Section):
             self.model.quantization = "4bit"
         return self
 
+    @model_validator(mode="after")
+    def _rl_default_lr(self) -> "RunConfig":
+        """An RL stage without ``train.lr`` gets its method's RL learning rate (:func:`rl_default_lr`)."""
+        if self.stage in RL_STAGES and "lr" not in self.train.model_fields_set:
+            self.train.lr = rl_default_lr(self.method.type)
+        return self
 
-# ---------------------------------------------------------------------------- loading
 
-def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    keys = []
-    for name, field in model.model_fields.items():
-        dotted = f"{prefix}{name}"
-        keys.append(dotted)
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            keys.extend(_valid_keys(annotation, f"{dotted}."))
+# ---------------------------------------------------------------------------- key names
+
+#: Names users bring from LLaMA-Factory and Hugging Face ``TrainingArguments`` (and a few from
+#: PEFT and axolotl) -> the tunelab key that means the same, value unchanged. The key hints
+#: use it, and so does the LLaMA-Factory converter (:mod:`tunelab.config_llamafactory`).
+KEY_ALIASES: dict[str, str] = {
+    "model_name_or_path": "model.name_or_path", "trust_remote_code": "model.trust_remote_code",
+    "quantization_type": "model.quant_type", "double_quantization": "model.double_quant",
+    "torch_dtype": "model.dtype",
+    "finetuning_type": "method.type", "adapter_name_or_path": "method.init_from",
+    "lora_rank": "method.r", "lora_r": "method.r", "lora_alpha": "method.alpha", "lora_dropout": "method.dropout",
+    "lora_target": "method.target", "lora_target_modules": "method.target", "target_modules": "method.target",
+    "additional_target": "method.modules_to_save", "use_dora": "method.use_dora", "use_rslora": "method.use_rslora",
+    "loraplus_lr_ratio": "method.loraplus_lr_ratio", "freeze_trainable_layers": "method.trainable_layers",
+    "freeze_extra_modules": "method.trainable_modules",
+    "dataset": "data.train", "eval_dataset": "data.eval", "dataset_dir": "data.dataset_dir",
+    "cutoff_len": "data.max_length", "max_seq_length": "data.max_length", "sequence_len": "data.max_length",
+    "max_samples": "data.max_samples", "val_size": "data.eval_split", "default_system": "data.system",
+    "train_on_prompt": "data.train_on_prompt", "mask_history": "data.mask_history",
+    "interleave_probs": "data.weights",
+    "learning_rate": "train.lr", "num_train_epochs": "train.epochs", "num_epochs": "train.epochs",
+    "max_steps": "train.max_steps", "per_device_train_batch_size": "train.batch_size",
+    "micro_batch_size": "train.batch_size", "gradient_accumulation_steps": "train.grad_accum",
+    "lr_scheduler_type": "train.scheduler", "warmup_ratio": "train.warmup_ratio",
+    "warmup_steps": "train.warmup_steps", "weight_decay": "train.weight_decay",
+    "max_grad_norm": "train.max_grad_norm", "optim": "train.optimizer", "adam_epsilon": "train.adam_eps",
+    "seed": "train.seed", "logging_steps": "train.log_every", "save_steps": "train.save_every",
+    "save_total_limit": "train.keep_last", "eval_steps": "train.eval_every",
+    "gradient_checkpointing": "train.gradient_checkpointing", "auto_find_batch_size": "train.auto_batch_size",
+    "pref_beta": "pref.beta", "pref_loss": "pref.loss", "pref_ftx": "pref.ftx",
+    "dpo_label_smoothing": "pref.label_smoothing", "simpo_gamma": "pref.simpo_gamma",
+    "kto_chosen_weight": "pref.desirable_weight", "kto_rejected_weight": "pref.undesirable_weight",
+    "ppo_epochs": "ppo.ppo_epochs", "ppo_whiten_rewards": "ppo.whiten_rewards", "reward_model": "ppo.reward_model",
+    "stage": "stage", "output_dir": "output_dir",
+}
+
+#: Foreign names whose value changes form in tunelab: what to write instead.
+ALIAS_HINTS: dict[str, str] = {
+    "bf16": "'train.precision: bf16'", "fp16": "'train.precision: fp16'", "pure_bf16": "'model.dtype: bfloat16'",
+    "quantization_bit": "'model.quantization: 4bit' (or 8bit)", "flash_attn": "'model.attn_implementation'",
+    "pissa_init": "'method.init: pissa' (or method.type: pissa)", "adam_beta1": "'train.adam_betas: [beta1, beta2]'",
+    "adam_beta2": "'train.adam_betas: [beta1, beta2]'",
+    "disable_gradient_checkpointing": "'train.gradient_checkpointing: false'",
+    "packing": "'data.packing'", "neat_packing": "'data.packing: true'",
+    "overwrite_output_dir": "`tunelab train --overwrite`", "resume_from_checkpoint": "`tunelab train --resume`",
+}
+
+
+def _alias_hint(leaf: str) -> str | None:
+    if leaf in KEY_ALIASES:
+        return f"'{KEY_ALIASES[leaf]}'"
+    return ALIAS_HINTS.get(leaf)
+
+
+def _method_type_of(tree: Mapping[str, Any]) -> str:
+    """``method.type`` of a raw config tree (the default when unset)."""
+    section = tree.get("method")
+    if isinstance(section, MethodConfig):
+        return section.type
+    return section.get("type", DEFAULT_METHOD) if isinstance(section, Mapping) else DEFAULT_METHOD
+
+
+def valid_keys(method_type: str | None = None) -> list[str]:
+    """Every dotted key; the method keys of ``method_type``, or of every type when None."""
+    method_classes = [method_config_class(method_type)] if method_type else list(method_config_classes().values())
+    keys: list[str] = []
+    for name, field in RunConfig.model_fields.items():
+        if name == "method":
+            fields = dict.fromkeys(key for cls in method_classes for key in cls.model_fields)
+            keys.extend(f"method.{key}" for key in fields)
+        elif _section_class(field.annotation):
+            keys.extend(f"{name}.{key}" for key in field.annotation.model_fields)
+        else:
+            keys.append(name)
     return keys
 
 
-VALID_KEYS = _valid_keys(RunConfig)
+def _section_class(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
-def _describe_type(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
+# ---------------------------------------------------------------------------- key documentation
+
+@dataclass(frozen=True)
+class KeyDoc:
+    """One key as ``tunelab config-keys`` prints it."""
+
+    key: str
+    type: str
+    default: str
+    help: str
+
+
+@dataclass(frozen=True)
+class KeyGroup:
+    title: str
+    keys: list[KeyDoc]
+
+
+def type_text(annotation: Any, compact: bool = False) -> str:
+    """A field's type in words: ``int``, ``str or null``, ``one of 'a', 'b'`` (compact: ``a|b``)."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return "|".join(str(a) for a in args) if compact else "one of " + ", ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        parts = [type_text(a, compact=True) if get_origin(a) is Literal else type_text(a) for a in args]
+        return " or ".join("null" if part == "NoneType" else part for part in parts)
+    if origin is not None:
+        return str(annotation).replace("typing.", "")
+    return getattr(annotation, "__name__", None) or str(annotation)
+
+
+def _default_text(field: Any) -> str:
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, BaseModel):
+        return ""
+    if isinstance(value, str):
+        return value
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _docs(cls: type[BaseModel], prefix: str, skip: tuple[str, ...] = ()) -> list[KeyDoc]:
+    return [KeyDoc(f"{prefix}{name}", type_text(field.annotation, compact=True), _default_text(field),
+                   field.description or "") for name, field in cls.model_fields.items() if name not in skip]
+
+
+def _method_groups(method_type: str | None) -> list[KeyGroup]:
+    """The common method keys, then each config class's own keys with the types that use it."""
+    classes = method_config_classes()
+    if method_type is not None:
+        classes = {name: cls for name, cls in classes.items() if cls is method_config_class(method_type)}
+    common = _docs(MethodConfig, "method.")
+    common[0] = KeyDoc(common[0].key, "|".join(method_config_classes()), common[0].default, common[0].help)
+    groups = [KeyGroup("method: every type", common)]
+    by_class: dict[type[MethodConfig], list[str]] = {}
+    for name, cls in classes.items():
+        by_class.setdefault(cls, []).append(name)
+    for cls, names in by_class.items():
+        own = _docs(cls, "method.", skip=tuple(MethodConfig.model_fields))
+        if own:
+            groups.append(KeyGroup(f"method: type {', '.join(names)}", own))
+    return groups
+
+
+def describe_keys(method_type: str | None = None, stage: str | None = None) -> list[KeyGroup]:
+    """Every key with its type, default and help, grouped by section; ``method_type`` narrows the
+    method section to that type, ``stage`` leaves out sections that stage does not read."""
+    asked: dict[str, Any] = {"stage": stage, "method": {"type": method_type} if method_type else None}
+    build_config({key: value for key, value in asked.items() if value}, source="config-keys")  # names checked
+    sections = ("method", *(name for name, f in RunConfig.model_fields.items() if _section_class(f.annotation)))
+    groups = [KeyGroup("run", _docs(RunConfig, "", skip=sections))]
+    for name, field in RunConfig.model_fields.items():
+        if name == "method":
+            groups.extend(_method_groups(method_type))
+        elif _section_class(field.annotation):
+            section: type[Section] = field.annotation
+            if stage is None or not section.stages or stage in section.stages:
+                title = (section.__doc__ or name).strip().splitlines()[0]
+                groups.append(KeyGroup(f"{name}: {title}", _docs(section, f"{name}.")))
+    return groups
+
+
+# ---------------------------------------------------------------------------- errors
+
+def _describe_type(loc: tuple[str, ...], method_cls: type[MethodConfig]) -> str:
     """Human-readable expected type of the field at ``loc``."""
-    current: Any = model
+    section: Any = RunConfig
     field = None
     for part in loc:
-        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+        if not _section_class(section) or part not in section.model_fields:
             break
-        field = current.model_fields[part]
-        current = field.annotation
-    if field is None:
-        return "a valid value"
-    annotation = field.annotation
-    if get_origin(annotation) is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(annotation))
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+        field = section.model_fields[part]
+        section = method_cls if section is RunConfig and part == "method" else field.annotation
+    return "a valid value" if field is None else type_text(field.annotation)
 
 
-def _suggest_key(key: str) -> str | None:
-    """Nearest valid key: a close spelling in the same section, else the same name in another section."""
+def _suggest_key(key: str, siblings: list[str]) -> str:
+    """' Did you mean ...?' for an unknown key: a LLaMA-Factory/HF name, a close spelling among
+    ``siblings`` (the keys of its section), the same name in another section, or a close key."""
     section, _, leaf = key.rpartition(".")
-    siblings = [k.rpartition(".")[2] for k in VALID_KEYS if k.rpartition(".")[0] == section]
+    alias = _alias_hint(leaf)
+    if alias:
+        foreign = "" if alias.strip("'").rpartition(".")[2] == leaf else \
+            f" ('{leaf}' is the LLaMA-Factory / Hugging Face name.)"
+        return f" Did you mean {alias}?{foreign}"
     close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.75)
     if close:
-        return f"{section}.{close[0]}" if section else close[0]
-    elsewhere = [k for k in VALID_KEYS if k.rpartition(".")[2] == leaf]
-    if elsewhere:
-        return elsewhere[0]
-    close = difflib.get_close_matches(key, VALID_KEYS, n=1, cutoff=0.6)
-    return close[0] if close else None
+        return f" Did you mean '{section}.{close[0]}'?" if section else f" Did you mean '{close[0]}'?"
+    every = valid_keys()
+    elsewhere = [k for k in every if k.rpartition(".")[2] == leaf]
+    close = elsewhere or difflib.get_close_matches(key, every, n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
 
 
-def _format_validation_error(err: ValidationError, source: str) -> ConfigError:
+def _unknown_key(loc: tuple[str, ...], method_type: str) -> str:
+    key = ".".join(loc)
+    if loc[0] != "method" or len(loc) != 2:
+        section = loc[0] if len(loc) == 2 else None
+        siblings = list(RunConfig.model_fields[section].annotation.model_fields) if section else \
+            list(RunConfig.model_fields)
+        return f"unknown key '{key}'.{_suggest_key(key, siblings)}"
+    own = list(method_config_class(method_type).model_fields)
+    takes = f" Method type '{method_type}' takes: {', '.join(own)}."
+    owners = [name for name, cls in method_config_classes().items() if loc[1] in cls.model_fields]
+    if owners:
+        return f"key '{key}' does not apply to method.type '{method_type}' (it is a key of {', '.join(owners)}).{takes}"
+    return f"unknown key '{key}' for method.type '{method_type}'.{_suggest_key(key, own)}{takes}"
+
+
+def _format_validation_error(err: ValidationError, source: str, tree: Mapping[str, Any]) -> ConfigError:
+    method_type = _method_type_of(tree)
     problems = []
     for item in err.errors():
-        loc = tuple(p for p in item["loc"] if not isinstance(p, int))
+        loc = tuple(str(p) for p in item["loc"] if not isinstance(p, int))
         key = ".".join(str(p) for p in item["loc"])
         if item["type"] == "extra_forbidden":
-            close = _suggest_key(key)
-            hint = f" Did you mean '{close}'?" if close else ""
-            problems.append(f"unknown key '{key}'.{hint}")
+            problems.append(_unknown_key(loc, method_type))
+        elif item["type"] == "method_type":
+            problems.append(f"key 'method.type' = {item.get('input')!r} is invalid: {item['msg']}.")
         else:
-            problems.append(f"key '{key}' = {item.get('input')!r} is invalid: {item['msg']} "
-                            f"(expected {_describe_type(RunConfig, loc)}).")
+            expected = _describe_type(loc, method_config_classes().get(method_type, MethodConfig))
+            problems.append(f"key '{key}' = {item.get('input')!r} is invalid: {item['msg']} (expected {expected}).")
     return ConfigError(f"{source}: " + " ".join(problems)
                        + " Fix the YAML or the command-line override; valid keys are listed by "
                          "`tunelab config-keys`.")
 
+
+# ---------------------------------------------------------------------------- loading
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``train.lr=1e-4`` -> (['train', 'lr'], 1e-4); the value is parsed as YAML."""
@@ -277,52 +609,74 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def _apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set ``path`` in ``tree``. An override of ``method.type`` keeps only the method keys set so
+    far that this type has: a LoRA file run with ``method.type=full`` drops its LoRA keys, and
+    ``compare`` runs one job file with every method. Keys set after it are checked strictly."""
     node = tree
     for part in path[:-1]:
         child = node.setdefault(part, {})
+        if isinstance(child, MethodConfig):
+            child = node[part] = child.model_dump(exclude_unset=True)
         if not isinstance(child, dict):
             raise ConfigError(f"override '{'.'.join(path)}': '{part}' is a value, not a section.")
         node = child
-    node[path[-1]] = value
+    if path == ["method", "type"] and value in method_config_classes():
+        tree["method"] = keep_applicable(node, value)
+    else:
+        node[path[-1]] = value
 
 
-def build_config(tree: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> RunConfig:
+def build_config(tree: Mapping[str, Any], overrides: list[str] | None = None, source: str = "config") -> RunConfig:
     """Validate a raw dict (plus ``key=value`` overrides) into a :class:`RunConfig`."""
-    tree = copy.deepcopy(tree or {})  # overrides must not write into the caller's nested dicts
+    tree = copy.deepcopy(dict(tree or {}))  # overrides must not write into the caller's nested dicts
     for text in overrides or []:
         path, value = parse_override(text)
         _apply_override(tree, path, value)
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as err:
-        raise _format_validation_error(err, source) from None
+        raise _format_validation_error(err, source, tree) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML file, or a ConfigError naming the file (and line) and the fix."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {file} does not exist. Pass the path of a YAML run file, "
+                          "e.g. examples/quickstart.yaml.")
+    try:
+        tree = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {file}{where}: not valid YAML ({getattr(err, 'problem', err)}). "
+                          "Check indentation and quoting there.") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {file}: the top level must be a mapping of sections "
+                          "(model, method, stage, data, train, output_dir).")
+    return tree
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML run file (or start from defaults when ``path`` is None) and apply overrides."""
-    tree: dict[str, Any] = {}
-    source = "command line"
-    if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file {file} does not exist. Pass the path of a YAML run file, "
-                              "e.g. examples/quickstart.yaml.")
-        try:
-            tree = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"config file {file}{where}: not valid YAML ({getattr(err, 'problem', err)}). "
-                              "Check indentation and quoting there.") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {file}: the top level must be a mapping of sections "
-                              "(model, method, stage, data, train, output_dir).")
-        source = str(file)
-    return build_config(tree, overrides, source)
+    if path is None:
+        return build_config({}, overrides, "command line")
+    return build_config(read_yaml(path), overrides, str(path))
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
+
+
+def load_saved_config(path: str | Path) -> RunConfig:
+    """A config written by :func:`save_config`, also by a tunelab from before per-type method
+    configs, whose method section held every key of every type: those that do not apply to
+    the run's type had no effect on it and are dropped."""
+    tree = read_yaml(path)
+    section = tree.get("method")
+    if isinstance(section, dict) and section.get("type", DEFAULT_METHOD) in method_config_classes():
+        tree["method"] = keep_applicable(section, section.get("type", DEFAULT_METHOD))
+    return build_config(tree, source=str(path))
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
@@ -331,4 +685,4 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     if not file.is_file():
         raise ConfigError(f"{run_dir} is not a tunelab run directory: {file} is missing. Pass the output_dir "
                           "of a finished `tunelab train` run.")
-    return load_config(file)
+    return load_saved_config(file)

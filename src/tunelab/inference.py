@@ -1,15 +1,22 @@
 """Loading a trained run (or a bare base model) for generation, and generating.
 
-``chat``, ``predict``, ``serve`` and ``eval`` all go through :func:`load_run` and
-:func:`generate`, and the prompt is rendered by the same template object that rendered
+``chat``, ``predict``, ``serve`` and ``eval`` all go through :func:`load_run` and one
+generation path, :func:`complete` (:func:`generate` and :func:`stream` are its batch and
+streaming faces), and the prompt is rendered by the same template object that rendered
 the training data, so inference sees exactly the text format the model was trained on.
+
+One stop rule (:class:`_RowState`) decides where every answer ends -- the tokenizer's eos
+or the template's end-of-turn token (not shown), the first stop string (cut before it),
+or ``max_new_tokens`` -- whether it is streamed or not, alone or in a batch, sampled,
+greedy or found by beam search. Methods whose state is virtual tokens generate from a
+cache that holds them (:mod:`tunelab.virtual_tokens`).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
@@ -17,12 +24,15 @@ import torch
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from tunelab.config import ModelConfig, RunConfig, load_run_config
+from tunelab.config import ModelConfig, RunConfig
 from tunelab.data.records import Message
 from tunelab.data.templates import ChatTemplate, get_template
 from tunelab.errors import TunelabError
+from tunelab.generation_options import GenerationOptions
 from tunelab.methods.base import Method, get_method
-from tunelab.models.loader import load_base, pick_device
+from tunelab.models.loader import load_base, pick_device, with_granted_remote_code
+from tunelab.runs import RunDir
+from tunelab.virtual_tokens import generation_target
 
 
 @dataclass
@@ -40,20 +50,21 @@ class LoadedRun:
         return self.template.render(messages, add_generation_prompt=True)
 
 
-def is_run_dir(path: str | Path) -> bool:
-    return (Path(path) / "config.yaml").is_file()
-
-
 def load_run(run_or_model: str | Path, device: torch.device | None = None) -> LoadedRun:
-    """Load a run directory (base + trained method) or, for comparison, a bare base model."""
+    """Load a run directory (base + trained method) or, for comparison, a bare base model.
+
+    Model code (``trust_remote_code``) runs only if the command line allowed it
+    (:func:`tunelab.models.loader.remote_code_allowed`), whatever the run's config says.
+    """
     device = device or pick_device()
-    if not is_run_dir(run_or_model):
-        cfg = RunConfig(model=ModelConfig(name_or_path=str(run_or_model)))
+    if not RunDir(run_or_model).is_run():
+        cfg = RunConfig(model=with_granted_remote_code(ModelConfig(name_or_path=str(run_or_model))))
         model, tokenizer = load_base(cfg.model, device)
         template = get_template(cfg.data.template, tokenizer, system=cfg.data.system)
         return LoadedRun(model, tokenizer, template, cfg, None, str(run_or_model))
     run_dir = Path(run_or_model)
-    cfg = load_run_config(run_dir)
+    cfg = RunDir(run_dir).read_config()
+    cfg.model = with_granted_remote_code(cfg.model)
     base, _ = load_base(cfg.model, device)
     method = get_method(cfg.method)
     model = method.load(base, run_dir, trainable=False)
@@ -69,31 +80,9 @@ def wrap_run(model: nn.Module, run_dir: str | Path, cfg: RunConfig, method: Meth
     """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(RunDir(run_dir).tokenizer, trust_remote_code=cfg.model.trust_remote_code)
     template = get_template(cfg.data.template, tokenizer, system=cfg.data.system)
     return LoadedRun(model, tokenizer, template, cfg, method, str(run_dir))
-
-
-@dataclass
-class GenerationOptions:
-    max_new_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 1.0
-    top_k: int = 50
-    repetition_penalty: float = 1.0
-    num_beams: int = 1
-    do_sample: bool | None = None  # None: sample when temperature > 0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-
-    def to_kwargs(self, tokenizer: Any, stop_ids: list[int]) -> dict[str, Any]:
-        sample = self.do_sample if self.do_sample is not None else self.temperature > 0
-        kwargs: dict[str, Any] = dict(max_new_tokens=self.max_new_tokens, do_sample=sample,
-                                      num_beams=self.num_beams, repetition_penalty=self.repetition_penalty,
-                                      eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
-        if sample:
-            kwargs.update(temperature=max(self.temperature, 1e-5), top_p=self.top_p, top_k=self.top_k)
-        return kwargs
 
 
 def stop_token_ids(loaded: LoadedRun) -> list[int]:
@@ -107,26 +96,10 @@ def stop_token_ids(loaded: LoadedRun) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def _truncate_at_stop(text: str, stop: list[str]) -> str:
-    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
-    return text[:cut] if cut >= 0 else text
-
-
-@torch.no_grad()
 def generate(loaded: LoadedRun, conversations: list[list[Message]], options: GenerationOptions) -> list[str]:
-    """Answer each conversation (batched, left-padded); returns the new text only."""
-    tokenizer = loaded.tokenizer
-    prompts = [loaded.render_prompt(messages) for messages in conversations]
-    tokenizer.padding_side = "left"
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    device = next(loaded.model.parameters()).device
-    encoded = {k: v.to(device) for k, v in encoded.items()}
-    if options.seed is not None:
-        torch.manual_seed(options.seed)
-    output = loaded.model.generate(**encoded, **options.to_kwargs(tokenizer, stop_token_ids(loaded)))
-    new_tokens = output[:, encoded["input_ids"].shape[1]:]
-    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    return [_truncate_at_stop(text, options.stop).strip() for text in texts]
+    """Answer each conversation (one left-padded batch); the answers without surrounding whitespace."""
+    rows = [GenerationRow(encode_prompt(loaded, messages), options) for messages in conversations]
+    return [completion.text.strip() for completion in complete(loaded, rows)]
 
 
 def stream(loaded: LoadedRun, messages: list[Message], options: GenerationOptions) -> Iterator[str]:
@@ -196,8 +169,7 @@ def encode_prompt(loaded: LoadedRun, messages: list[Message]) -> list[int]:
 
 def sampling_key(options: GenerationOptions) -> tuple[Any, ...]:
     """The settings that must be equal for rows to be generated in one batch."""
-    sample = options.do_sample if options.do_sample is not None else options.temperature > 0
-    if not sample:
+    if not options.sample:
         return (False, options.repetition_penalty, options.num_beams)
     return (True, options.temperature, options.top_p, options.top_k, options.repetition_penalty, options.num_beams,
             options.seed)
@@ -212,7 +184,14 @@ def _held_back(text: str, stop: list[str]) -> int:
 
 
 class _RowState:
-    """Tracks one row of a batch: its tokens, whether and why it ended, the text already streamed."""
+    """The stop rule, applied to one row token by token: its tokens, whether and why it ended,
+    the text already streamed.
+
+    An answer ends at the first of: a stop token (eos or end of turn; not part of the
+    text), the first appearance of a stop string (the text is cut before it), its
+    ``max_new_tokens``, or its request being cancelled. Every generation path feeds its
+    tokens through here, so streamed, batched, served and beam-searched answers end alike.
+    """
 
     def __init__(self, row: GenerationRow, tokenizer: Any, stop_ids: set[int]):
         self.row = row
@@ -240,6 +219,20 @@ class _RowState:
             self.reason = "cancelled"
         self._stream()
 
+    def replay(self, tokens: list[int]) -> None:
+        """Feed a finished sequence (beam search) until the rule ends it; padding after the end is ignored."""
+        for token in tokens:
+            if self.reason is not None:
+                return
+            self.add(token)
+
+    def ends_with(self, tokens: list[int]) -> bool:
+        """Whether an answer of ``tokens``, open before its last token, ends with it (a beam candidate)."""
+        probe = _RowState(replace(self.row, on_text=None), self.tokenizer, self.stop_ids)
+        probe.generated, probe.answer_ids = len(tokens) - 1, tokens[:-1]
+        probe.add(tokens[-1])
+        return probe.reason is not None
+
     def finish(self) -> Completion:
         """The final completion (a row still open when generation ended ran out of tokens)."""
         if self.reason is None:
@@ -266,7 +259,7 @@ class _RowState:
 
 
 class _RowLimits(StoppingCriteria):
-    """Ends each row of a batch on its own terms: eos/end of turn, stop strings, its max_new_tokens, cancellation."""
+    """Ends each row of a batch on its own terms (:class:`_RowState`), streaming as it goes."""
 
     def __init__(self, states: list[_RowState], prompt_width: int):
         self.states = states
@@ -280,6 +273,20 @@ class _RowLimits(StoppingCriteria):
         return torch.tensor([s.reason is not None for s in self.states], dtype=torch.bool, device=input_ids.device)
 
 
+class _BeamLimits(_RowLimits):
+    """Beam search: ends each candidate sequence by the rule of its row (:meth:`_RowState.ends_with`).
+
+    Candidates are regrouped and reordered at every step, so they are judged whole, not
+    tracked; the chosen sequence of each row is replayed through its state at the end.
+    """
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        per_row = input_ids.shape[0] // len(self.states)
+        candidates = input_ids[:, self.prompt_width:].tolist()
+        ended = [self.states[i // per_row].ends_with(tokens) for i, tokens in enumerate(candidates)]
+        return torch.tensor(ended, dtype=torch.bool, device=input_ids.device)
+
+
 def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
     width = max(len(ids) for ids in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -290,19 +297,31 @@ def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> dict[s
     return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
 
 
+def _decoding(options: GenerationOptions, stop_ids: list[int], pad_id: int, max_new_tokens: int) -> dict[str, Any]:
+    """transformers' ``generate`` settings for ``options``; eos is the rule's stop tokens."""
+    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=options.sample,
+                                  num_beams=options.num_beams, repetition_penalty=options.repetition_penalty,
+                                  eos_token_id=stop_ids, pad_token_id=pad_id)
+    if options.sample:
+        kwargs.update(temperature=max(options.temperature, 1e-5), top_p=options.top_p, top_k=options.top_k)
+    return kwargs
+
+
 @torch.no_grad()
 def complete(loaded: LoadedRun, rows: list[GenerationRow]) -> list[Completion]:
     """Generate every row in one left-padded batch; each row stops on its own limits.
 
     Padding is done here, not by the tokenizer, so that generation never changes the
-    tokenizer's padding state while another thread tokenizes with it.
+    tokenizer's padding state while another thread tokenizes with it. Virtual tokens of
+    prompt-learning methods sit in front of every row in the cache, covered by the
+    attention mask (see :mod:`tunelab.virtual_tokens`).
     """
     options = rows[0].options
     if any(sampling_key(row.options) != sampling_key(options) for row in rows):
         raise ValueError("rows of one batch must share their sampling settings (see sampling_key)")
-    if options.num_beams != 1:
-        raise TunelabError(f"beam search (num_beams={options.num_beams}) is not available for streamed or served "
-                           "generation, which follows one sequence per answer. Use num_beams=1 here.")
+    if options.num_beams > 1 and any(row.on_text is not None for row in rows):
+        raise TunelabError(f"beam search (num_beams={options.num_beams}) cannot stream: the best answer is known "
+                           "only when the search ends. Turn streaming off, or use num_beams=1.")
     if any(not row.prompt_ids for row in rows):
         raise ValueError("every row needs at least one prompt token")
     tokenizer = loaded.tokenizer
@@ -310,11 +329,19 @@ def complete(loaded: LoadedRun, rows: list[GenerationRow]) -> list[Completion]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     device = next(loaded.model.parameters()).device
     encoded = left_pad([row.prompt_ids for row in rows], pad_id, device)
+    width = encoded["input_ids"].shape[1]
     states = [_RowState(row, tokenizer, set(stop_ids)) for row in rows]
-    kwargs = options.to_kwargs(tokenizer, stop_ids)
-    kwargs.update(max_new_tokens=max(row.options.max_new_tokens for row in rows), pad_token_id=pad_id)
+    kwargs = _decoding(options, stop_ids, pad_id, max(row.options.max_new_tokens for row in rows))
+    target = generation_target(loaded.model)
+    if target.prefix_length:
+        mask = encoded["attention_mask"]
+        encoded["attention_mask"] = torch.cat([mask.new_ones(len(rows), target.prefix_length), mask], dim=1)
+        kwargs["cache"] = target.cache(len(rows) * options.num_beams)
     if options.seed is not None:
         torch.manual_seed(options.seed)
-    limits = _RowLimits(states, encoded["input_ids"].shape[1])
-    loaded.model.generate(**encoded, **kwargs, stopping_criteria=StoppingCriteriaList([limits]))
+    limits = _RowLimits(states, width) if options.num_beams == 1 else _BeamLimits(states, width)
+    output = target.module.generate(**encoded, **kwargs, stopping_criteria=StoppingCriteriaList([limits]))
+    if options.num_beams > 1:
+        for state, tokens in zip(states, output[:, width:].tolist()):
+            state.replay(tokens)
     return [state.finish() for state in states]

@@ -24,7 +24,7 @@ from tunelab.data.tokenize import encode_conversation
 from tunelab.errors import ConfigError, DataError
 from tunelab.inference import LoadedRun, load_run
 from tunelab.io import atomic_open
-from tunelab.train.value_head import ValueHead, hidden_size_of, load_value_head, padded_sequence_index, sequence_scores
+from tunelab.models.value_head import ValueHead, hidden_size_of, load_value_head, padded_sequence_index, sequence_scores
 
 
 @dataclass

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 
 import torch
 
+from tunelab.data.records import IGNORE_INDEX as IGNORE
 from tunelab.data.records import Example, PairExample, UnpairedExample
 
-IGNORE = -100
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
 # Length grouping sorts within chunks of this many batches: large enough that similar lengths
 # meet, small enough that the order stays random across the epoch.

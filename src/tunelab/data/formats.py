@@ -52,12 +52,6 @@ class ConversionStats:
         if len(self.reasons) < MAX_REASONS:
             self.reasons.append(reason)
 
-    def summary(self) -> str:
-        text = f"kept {self.kept} of {self.total} records"
-        if self.skipped:
-            text += f"; skipped {self.skipped}, e.g. " + " | ".join(self.reasons)
-        return text
-
 
 def to_records(rows: Iterable[RawRow], spec: DatasetSpec, on_error: OnError = "raise",
                require_answer: bool = True) -> tuple[list[Record], ConversionStats]:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Role = Literal["system", "user", "assistant"]
+#: The label of a position that takes no loss (the value torch's cross-entropy ignores by default).
+IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

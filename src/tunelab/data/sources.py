@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, get_args
 
+from tunelab.data.hub import HubSource, HubUnavailable, hub_dataset, looks_like_repo
 from tunelab.errors import DataError
 
 Formatting = Literal["alpaca", "sharegpt", "openai", "text"]
@@ -58,33 +59,58 @@ class RawRow:
 # A reader yields (line or None, parsed value) for each record of one file.
 _Reader = Callable[[Path], Iterator[tuple[int | None, Any]]]
 
-
-def _read_text(path: Path) -> str:
-    """Whole-file text; ``utf-8-sig`` because editors on Windows prepend a BOM."""
-    return path.read_text(encoding="utf-8-sig")
+_UTF8_HINT = ("Re-save the file as UTF-8 (most editors offer it when saving), or fix or delete the bytes "
+              "there; a file in another encoding can be converted with `iconv -f LATIN1 -t UTF-8`.")
 
 
-def _json_lines(lines: Iterable[str], path: Path) -> Iterator[tuple[int | None, Any]]:
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"invalid JSON ({err.msg} at column {err.colno}).", file=str(path), line=number,
-                hint="Each line of a JSON-lines file must hold one complete JSON object; "
-                     "fix or delete this line.") from None
+def decode_utf8(data: bytes, path: Path | str, line: int | None = None) -> str:
+    """``data`` as text, or a :class:`DataError` naming the line and column of the first invalid byte.
+
+    ``line`` is the line ``data`` starts on (a single line's bytes); without it ``data`` is a whole
+    file and the line is counted. A leading byte-order mark is dropped (editors on Windows write one).
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        at = line if line is not None else 1 + data.count(b"\n", 0, err.start)
+        column = err.start - data.rfind(b"\n", 0, err.start)
+        raise DataError(f"invalid UTF-8: byte 0x{data[err.start]:02x} at column {column} is not UTF-8 text.",
+                        file=str(path), line=at, hint=_UTF8_HINT) from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based number, text with its line break) of every line, decoded one line at a time so that an
+    invalid byte is reported on its own line instead of failing the whole file."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            yield number, decode_utf8(raw, path, number)
+
+
+def parse_json_line(text: str, path: Path | str, number: int) -> Any:
+    """One record of a JSON-lines file; invalid JSON names the file, line and column."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"invalid JSON ({err.msg} at column {err.colno}).", file=str(path), line=number,
+            hint="Each line of a JSON-lines file must hold one complete JSON object; "
+                 "fix or delete this line.") from None
+
+
+def _json_lines(lines: Iterable[tuple[int, str]], path: Path) -> Iterator[tuple[int | None, Any]]:
+    for number, line in lines:
+        if line.strip():
+            yield number, parse_json_line(line, path, number)
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int | None, Any]]:
-    with path.open(encoding="utf-8-sig") as handle:
-        yield from _json_lines(handle, path)
+    yield from _json_lines(_lines(path), path)
 
 
 def _read_json(path: Path) -> Iterator[tuple[int | None, Any]]:
     """A JSON list of records, or, as often found in the wild, JSON lines in a .json file."""
-    text = _read_text(path)
+    text = decode_utf8(path.read_bytes(), path)
     try:
         document = json.loads(text)
     except json.JSONDecodeError as err:
@@ -93,7 +119,7 @@ def _read_json(path: Path) -> Iterator[tuple[int | None, Any]]:
                 f"invalid JSON: {err.msg} at line {err.lineno}, column {err.colno}.", file=str(path),
                 hint="The file starts like a JSON list of records; fix the syntax at that position "
                      "(a missing comma or quote is the usual cause).") from None
-        yield from _json_lines(text.splitlines(), path)
+        yield from _json_lines(enumerate(text.splitlines(), start=1), path)
         return
     if isinstance(document, list):
         yield from ((None, item) for item in document)
@@ -106,16 +132,15 @@ def _read_json(path: Path) -> Iterator[tuple[int | None, Any]]:
 
 def _read_csv(path: Path) -> Iterator[tuple[int | None, Any]]:
     """Rows keyed by the header; the line is where the row starts (quoted cells may span lines)."""
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        for row in reader:
-            extra = row.pop(None, None)  # type: ignore[call-overload]
-            start = reader.line_num - sum(v.count("\n") for v in row.values() if isinstance(v, str))
-            if extra:
-                raise DataError(f"the row has {len(extra)} more value(s) than the header has columns.",
-                                file=str(path), line=start,
-                                hint="Quote cells that contain commas, or add the missing header names.")
-            yield start, row
+    reader = csv.DictReader(line for _, line in _lines(path))
+    for row in reader:
+        extra = row.pop(None, None)  # type: ignore[call-overload]
+        start = reader.line_num - sum(v.count("\n") for v in row.values() if isinstance(v, str))
+        if extra:
+            raise DataError(f"the row has {len(extra)} more value(s) than the header has columns.",
+                            file=str(path), line=start,
+                            hint="Quote cells that contain commas, or add the missing header names.")
+        yield start, row
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[int | None, Any]]:
@@ -123,11 +148,20 @@ def _read_parquet(path: Path) -> Iterator[tuple[int | None, Any]]:
     import pyarrow.parquet as pq
 
     try:
-        batches = pq.ParquetFile(path).iter_batches()
-        for batch in batches:
-            yield from ((None, item) for item in batch.to_pylist())
+        reader = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as err:
-        raise DataError(f"cannot read the parquet file: {err}", file=str(path)) from None
+        raise DataError(f"cannot read the parquet file: it is truncated or not a parquet file ({err}).",
+                        file=str(path), hint="Write the file again (an interrupted copy or download leaves a "
+                                             "file without its footer).") from None
+    index = 0
+    try:
+        for batch in reader.iter_batches():
+            for item in batch.to_pylist():
+                yield None, item
+                index += 1
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"cannot read the parquet file: the data after record {index - 1} is damaged ({err}).",
+                        file=str(path), record=index, hint="Write the file again from its source.") from None
 
 
 def _read_arrow(path: Path) -> Iterator[tuple[int | None, Any]]:
@@ -148,11 +182,10 @@ def _read_arrow(path: Path) -> Iterator[tuple[int | None, Any]]:
 
 def _read_txt(path: Path) -> Iterator[tuple[int | None, Any]]:
     """Plain text for pre-training: every non-blank line is one record ``{"text": line}``."""
-    with path.open(encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
-            text = line.rstrip("\r\n")
-            if text.strip():
-                yield number, {"text": text}
+    for number, line in _lines(path):
+        text = line.rstrip("\r\n")
+        if text.strip():
+            yield number, {"text": text}
 
 
 _READERS: dict[str, _Reader] = {
@@ -182,7 +215,16 @@ def _reader_for(path: Path) -> _Reader:
     return reader
 
 
-def _directory_files(path: Path) -> list[Path]:
+def is_saved_dataset(path: Path) -> bool:
+    """A directory written by ``datasets`` ``save_to_disk`` (a Dataset or a DatasetDict)."""
+    return path.is_dir() and any((path / name).is_file() for name in ("state.json", "dataset_dict.json"))
+
+
+def dataset_files(path: Path) -> list[Path]:
+    """The files ``path`` stands for: itself, or the supported files of a directory sorted by name."""
+    if not path.is_dir():
+        _reader_for(path)
+        return [path]
     files = sorted(p for p in path.iterdir()
                    if p.is_file() and p.suffix.lower() in _READERS
                    and not p.name.startswith(".") and p.name not in _HF_METADATA)
@@ -192,16 +234,21 @@ def _directory_files(path: Path) -> list[Path]:
     return files
 
 
+def as_row(value: Any, file: str, line: int | None, index: int) -> RawRow:
+    """A parsed record as a :class:`RawRow`; anything but an object is an error naming where it is."""
+    if not isinstance(value, dict):
+        raise DataError(f"the record is a {type_name(value)}, not an object.", file=file, line=line,
+                        record=index, hint='Each record must be an object of named fields, such as '
+                                          '{"instruction": "...", "output": "..."}.')
+    return RawRow(data=value, file=file, line=line, index=index)
+
+
 def _read_file(path: Path) -> Iterator[RawRow]:
     reader = _reader_for(path)
     if not path.is_file():
         raise DataError("the file does not exist", file=str(path))
     for index, (line, value) in enumerate(reader(path)):
-        if not isinstance(value, dict):
-            raise DataError(f"the record is a {type_name(value)}, not an object.", file=str(path), line=line,
-                            record=index, hint='Each record must be an object of named fields, such as '
-                                              '{"instruction": "...", "output": "..."}.')
-        yield RawRow(data=value, file=str(path), line=line, index=index)
+        yield as_row(value, str(path), line, index)
 
 
 def read_rows(path: str | Path) -> Iterator[RawRow]:
@@ -211,12 +258,8 @@ def read_rows(path: str | Path) -> Iterator[RawRow]:
     cannot be parsed raises :class:`DataError` naming the file and line (or line and column
     for a JSON document); such damage is never skipped, because later rows cannot be trusted.
     """
-    path = Path(path)
-    if path.is_dir():
-        for file in _directory_files(path):
-            yield from _read_file(file)
-    else:
-        yield from _read_file(path)
+    for file in dataset_files(Path(path)):
+        yield from _read_file(file)
 
 
 # --------------------------------------------------------------------------- dataset specs
@@ -270,6 +313,7 @@ class DatasetSpec:
     tags: dict[str, str] = field(default_factory=dict)
     num_samples: int | None = None
     split: str = "train"
+    hub: HubSource | None = None  # a Hugging Face Hub split instead of files
 
     def __post_init__(self) -> None:
         if self.formatting not in FORMATTINGS:
@@ -294,9 +338,16 @@ class DatasetSpec:
         return bool(self.columns.get("kto_tag"))
 
     def rows(self) -> Iterator[RawRow]:
-        """All rows of all files, in order."""
+        """All rows of all files (or of the hub split), in order."""
+        from tunelab.data.tables import dataset_rows, saved_dataset  # datasets is imported only when needed
+
+        if self.hub is not None:
+            yield from dataset_rows(hub_dataset(self.hub), self.hub.label)
         for file in self.files:
-            yield from read_rows(file)
+            if is_saved_dataset(file):
+                yield from dataset_rows(saved_dataset(file, self.split), str(file))
+            else:
+                yield from read_rows(file)
 
 
 # --------------------------------------------------------------------------- auto-detection
@@ -329,18 +380,28 @@ def detect_spec(path: Path, name: str | None = None) -> DatasetSpec:
     ``chosen``+``rejected`` pair makes it a preference dataset; a boolean ``label`` or
     ``kto_tag`` makes it KTO. Anything else needs an explicit registry entry.
     """
-    first = next(read_rows(path), None)
+    spec = DatasetSpec(name=name or path.name, files=[path])
+    return _detected(spec, next(spec.rows(), None), str(path))
+
+
+def detect_hub_spec(source: HubSource, name: str) -> DatasetSpec:
+    """Like :func:`detect_spec`, for a hub split named in data.train (``org/name``)."""
+    spec = DatasetSpec(name=name, files=[], split=source.split, hub=source)
+    return _detected(spec, next(spec.rows(), None), source.label)
+
+
+def _detected(spec: DatasetSpec, first: RawRow | None, where: str) -> DatasetSpec:
     if first is None:
-        raise DataError("the dataset has no records", file=str(path))
+        raise DataError("the dataset has no records", file=where)
     keys = set(first.data)
     for required, formatting, columns in _LAYOUTS:
         if required <= keys:
             break
     else:
         raise DataError(f"cannot tell the dataset layout from the first record's keys ({', '.join(sorted(keys))}).",
-                        file=str(path), hint="Expected alpaca (instruction/output), sharegpt (conversations), "
-                                             "openai (messages), preference (chosen/rejected) or text (text) "
-                                             f"records; or describe the file in {INFO_FILE}.")
+                        file=where, hint="Expected alpaca (instruction/output), sharegpt (conversations), "
+                                         "openai (messages), preference (chosen/rejected) or text (text) "
+                                         f"records; or describe the dataset in {INFO_FILE}.")
     if "messages" in columns:
         formatting = _chat_formatting(first.data, columns["messages"])
     columns = dict(columns)
@@ -348,8 +409,8 @@ def detect_spec(path: Path, name: str | None = None) -> DatasetSpec:
     if label:
         columns["kto_tag"] = label
     ranking = {"chosen", "rejected"} <= keys
-    return DatasetSpec(name=name or path.name, files=[path], formatting=formatting, ranking=ranking,
-                       columns=columns)
+    return DatasetSpec(name=spec.name, files=spec.files, formatting=formatting, ranking=ranking,
+                       columns=columns, split=spec.split, hub=spec.hub)
 
 
 # --------------------------------------------------------------------------- the registry
@@ -361,7 +422,7 @@ def _load_info(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        info = json.loads(_read_text(path))
+        info = json.loads(decode_utf8(path.read_bytes(), path))
     except json.JSONDecodeError as err:
         raise DataError(f"invalid JSON: {err.msg} at line {err.lineno}, column {err.colno}",
                         file=str(path)) from None
@@ -388,9 +449,9 @@ def _entry_formatting(entry: dict[str, Any]) -> str:
 class DatasetRegistry:
     """Dataset names from ``<dataset_dir>/dataset_info.json`` (LLaMA-Factory's file, unchanged).
 
-    Works without that file too: then only paths resolve. Entries are checked when they
-    are resolved, so one entry that cannot be used (for example a hub-only dataset) does
-    not stop the others from working.
+    Works without that file too: then paths and hub ids (``org/name``) resolve. Entries are
+    checked when they are resolved, so one entry that cannot be used (for example a hub
+    dataset that is not cached while offline) does not stop the others from working.
     """
 
     def __init__(self, dataset_dir: str | Path = "data") -> None:
@@ -403,12 +464,18 @@ class DatasetRegistry:
         return sorted(self._entries)
 
     def resolve(self, name_or_path: str) -> DatasetSpec:
-        """A registry name, else an existing file or directory (as given, or under dataset_dir)."""
+        """A registry name, else an existing file or directory (as given, or under dataset_dir), else a
+        Hugging Face Hub dataset id (``org/name``, its train split)."""
         if name_or_path in self._entries:
             return self._from_entry(name_or_path)
         for candidate in (Path(name_or_path), self.dataset_dir / name_or_path):
             if candidate.exists():
                 return detect_spec(candidate, name=name_or_path)
+        if looks_like_repo(name_or_path):
+            try:
+                return detect_hub_spec(HubSource(name_or_path), name_or_path)
+            except HubUnavailable as err:
+                raise self._unknown(name_or_path, hub=err.reason) from None
         raise self._unknown(name_or_path)
 
     def _from_entry(self, name: str) -> DatasetSpec:
@@ -416,39 +483,54 @@ class DatasetRegistry:
         if not isinstance(entry, dict):
             raise DataError(f"the entry for dataset '{name}' is a {type_name(entry)}, not an object",
                             file=str(self.info_path))
-        return DatasetSpec(name=name, files=[self._entry_file(name, entry)],
+        hub = None if entry.get("file_name") else self._entry_hub(name, entry)
+        return DatasetSpec(name=name, files=[] if hub else [self._entry_file(name, entry)],
                            formatting=_entry_formatting(entry),  # type: ignore[arg-type]
                            ranking=bool(entry.get("ranking", False)),
                            columns=dict(entry.get("columns") or {}), tags=dict(entry.get("tags") or {}),
-                           num_samples=entry.get("num_samples"), split=entry.get("split") or "train")
+                           num_samples=entry.get("num_samples"), split=entry.get("split") or "train", hub=hub)
 
-    def _entry_file(self, name: str, entry: dict[str, Any]) -> Path:
-        file_name = entry.get("file_name")
-        if not file_name:
-            hub = next((key for key in _HUB_KEYS if entry.get(key)), None)
-            if hub:
-                raise DataError(
-                    f"dataset '{name}' is only available from {hub} '{entry[hub]}', and it cannot be "
-                    "downloaded here: tunelab reads local files only (offline).", file=str(self.info_path),
-                    hint=f"Download the dataset's files into {self.dataset_dir}, then set \"file_name\" in "
-                         f"its {INFO_FILE} entry (a file or a directory name).")
+    def _entry_hub(self, name: str, entry: dict[str, Any]) -> HubSource:
+        """An ``hf_hub_url`` entry, checked loadable now (so a run fails before training, not after)."""
+        hub = next((key for key in _HUB_KEYS if entry.get(key)), None)
+        if hub is None:
             raise DataError(f"dataset '{name}' has no \"file_name\".", file=str(self.info_path),
                             hint=f"Set \"file_name\" to a file or directory inside {self.dataset_dir}.")
+        local = (f"download the dataset's files into {self.dataset_dir}, then set \"file_name\" in its "
+                 f"{INFO_FILE} entry (a file or a directory name)")
+        if hub != "hf_hub_url":
+            raise DataError(f"dataset '{name}' is only available from {hub} '{entry[hub]}', and it cannot be "
+                            "downloaded here: tunelab reads local files and Hugging Face Hub datasets "
+                            "(hf_hub_url) only.", file=str(self.info_path), hint=f"To use it, {local}.")
+        source = HubSource(str(entry[hub]), subset=entry.get("subset"), split=entry.get("split") or "train",
+                           data_dir=entry.get("folder"))
+        try:
+            hub_dataset(source)
+        except HubUnavailable as err:
+            raise DataError(f"dataset '{name}' is only available from {hub} '{entry[hub]}', and it cannot be "
+                            f"downloaded here: {err.reason}.", file=str(self.info_path),
+                            hint=f"Run once with network access (HF_HUB_OFFLINE unset) to cache it, or "
+                                 f"{local}.") from None
+        return source
+
+    def _entry_file(self, name: str, entry: dict[str, Any]) -> Path:
+        file_name = entry["file_name"]
         path = self.dataset_dir / file_name
         if not path.exists():
             raise DataError(f"dataset '{name}': file_name '{file_name}' does not exist in {self.dataset_dir}.",
                             file=str(self.info_path), hint="Put the file there or correct \"file_name\".")
         return path
 
-    def _unknown(self, name: str) -> DataError:
+    def _unknown(self, name: str, hub: str | None = None) -> DataError:
+        on_hub = f", nor a Hugging Face Hub dataset available here ({hub})" if hub else ""
         if not self._entries:
-            return DataError(f"'{name}' is not an existing file or directory, and there is no {INFO_FILE} "
+            return DataError(f"'{name}' is not an existing file or directory{on_hub}, and there is no {INFO_FILE} "
                              f"in {self.dataset_dir} to look dataset names up in.",
                              hint="Pass a path to a dataset file or directory, or set data.dataset_dir.")
         close = difflib.get_close_matches(name, self._entries, n=1, cutoff=0.5)
         guess = f"Did you mean '{close[0]}'? " if close else ""
-        return DataError(f"'{name}' is neither a dataset in {self.info_path} nor an existing file or directory.",
-                         hint=f"{guess}Known datasets: {_listing(self.names)}.")
+        return DataError(f"'{name}' is neither a dataset in {self.info_path} nor an existing file or "
+                         f"directory{on_hub}.", hint=f"{guess}Known datasets: {_listing(self.names)}.")
 
 
 def _listing(names: list[str], limit: int = 30) -> str:

@@ -25,12 +25,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Union
 
+from tunelab.data.records import IGNORE_INDEX as IGNORE
 from tunelab.data.records import (Conversation, Example, Message, PairExample, Preference, PromptExample, Record,
                                   Text, Unpaired, UnpairedExample)
 from tunelab.data.templates import ChatTemplate, Segment
 from tunelab.errors import ConfigError, DataError, TunelabError
 
-IGNORE = -100
 
 Encoded = Union[Example, PairExample, UnpairedExample, PromptExample]
 
@@ -44,11 +44,6 @@ class TokenizeStats:
     dropped: int = 0
     tokens: int = 0
     supervised_tokens: int = 0
-
-    def summary(self) -> str:
-        """One line for the run log, e.g. ``1000 examples, 12 truncated, 1 dropped, 250000 tokens (...)``."""
-        return (f"{self.examples} examples, {self.truncated} truncated, {self.dropped} dropped (no supervised "
-                f"tokens left), {self.tokens} tokens ({self.supervised_tokens} supervised)")
 
 
 # --------------------------------------------------------------------------- helpers

@@ -19,7 +19,7 @@ from pathlib import Path
 from tunelab.errors import TunelabError
 from tunelab.io import write_json
 from tunelab.models.loader import cache_root
-from tunelab.train.monitor import peak_rss_bytes
+from tunelab.memory import peak_rss_bytes
 
 _LIBRARIES = ("torch", "transformers", "peft", "accelerate", "tokenizers")
 

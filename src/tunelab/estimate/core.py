@@ -18,7 +18,7 @@ from tunelab.estimate.skeleton import ModelFacts, model_facts
 from tunelab.estimate.workload import Workload, load_workload
 from tunelab.methods.base import get_method
 from tunelab.models.loader import load_tokenizer, materialize, resolve_source, training_dtype
-from tunelab.train.monitor import proc_kib_field_bytes
+from tunelab.memory import proc_kib_field_bytes
 from tunelab.train.runtime import packing_enabled, resolve_precision
 
 _DEVICE = re.compile(r"^(cpu|cuda)(?::(\d+(?:\.\d+)?)\s*(gb|gib|g)?)?$", re.IGNORECASE)

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import TunelabError
-from tunelab.train.monitor import maxrss_bytes
+from tunelab.memory import maxrss_bytes
+from tunelab.runs import RunDir
 
 #: Environment defaults for the child. libgomp's default busy-waiting makes every
 #: elementwise op 10-70x slower when the cores are shared with other processes
@@ -59,10 +60,7 @@ def child_env() -> dict[str, str]:
 
 
 def _last_metrics(run_dir: Path) -> dict:
-    file = run_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()] \
-        if file.is_file() else []
-    train_rows = [row for row in rows if "loss" in row]
+    train_rows = [row for row in RunDir(run_dir).read_metrics() if "loss" in row]
     return train_rows[-1] if train_rows else {}
 
 

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from tunelab.config import RunConfig
-from tunelab.data.batching import IGNORE, PadWidth
+from tunelab.data.batching import PadWidth
+from tunelab.data.records import IGNORE_INDEX as IGNORE
 from tunelab.data.pipeline import DataBundle, build_data, example_length
 from tunelab.data.records import Example, PairExample, UnpairedExample
-from tunelab.train.loop import MicroBatches, total_steps
+from tunelab.train.batches import MicroBatches, total_steps
 
 #: Python-object bytes per token of a tokenized example held in memory: ``input_ids`` and
 #: ``labels`` are lists of ints (an 8-byte pointer each, plus a 28-byte int object for

@@ -31,14 +31,14 @@ from typing import Any, Sequence
 
 import torch
 
-from tunelab.data.batching import IGNORE
+from tunelab.data.records import IGNORE_INDEX as IGNORE
 from tunelab.data.records import Example, Message
 from tunelab.errors import ConfigError
 from tunelab.evaluate.choice_data import LETTERS, ChoiceData, Question
 from tunelab.evaluate.forward import chunks, eval_autocast, padded_batch
 from tunelab.evaluate.report import TaskResult
 from tunelab.inference import LoadedRun
-from tunelab.train.objectives import hidden_states
+from tunelab.models.forward import hidden_states
 
 HEADER = "The following are multiple choice questions (with answers) about {subject}.\n\n"
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunelab.inference import is_run_dir
 from tunelab.io import write_json, write_jsonl
+from tunelab.runs import RunDir
 
 
 @dataclass
@@ -51,7 +51,7 @@ def output_stem(run: str, task: str) -> Path:
     A second evaluation within the same second gets a numbered suffix instead of
     overwriting the first.
     """
-    folder = Path(run) / "eval" if is_run_dir(run) else Path("eval")
+    folder = RunDir(run).eval_dir if RunDir(run).is_run() else Path("eval")
     stem = folder / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
     candidate, number = stem, 1
     while candidate.with_suffix(".json").exists():

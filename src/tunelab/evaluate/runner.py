@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, Callable, Iterator
 
-from tunelab.config import ModelConfig, RunConfig, load_run_config
+from tunelab.config import ModelConfig, RunConfig
 from tunelab.errors import ConfigError
 from tunelab.evaluate.choice import choice_eval, plan_questions
 from tunelab.evaluate.choice_data import load_choice_data
@@ -22,9 +22,10 @@ from tunelab.evaluate.forward import model_device
 from tunelab.evaluate.generation import check_references, generation_eval
 from tunelab.evaluate.perplexity import load_perplexity_records, perplexity
 from tunelab.evaluate.report import TaskResult, deltas, output_stem, print_table, write_outputs
-from tunelab.inference import LoadedRun, is_run_dir, load_run
+from tunelab.inference import LoadedRun, load_run
 from tunelab.models.loader import load_base
 from tunelab.predict import prompts_and_references
+from tunelab.runs import RunDir
 
 TASKS = ("perplexity", "generation", "choice")
 Evaluator = Callable[[LoadedRun], TaskResult]
@@ -32,7 +33,7 @@ Evaluator = Callable[[LoadedRun], TaskResult]
 
 def run_config(run: str) -> RunConfig:
     """The run's saved config, or defaults around a bare model name (what ``load_run`` uses)."""
-    return load_run_config(run) if is_run_dir(run) else RunConfig(model=ModelConfig(name_or_path=str(run)))
+    return RunDir(run).read_config() if RunDir(run).is_run() else RunConfig(model=ModelConfig(name_or_path=str(run)))
 
 
 def _check_options(task: str, shots: int, max_samples: int | None, batch_size: int, max_new_tokens: int) -> None:

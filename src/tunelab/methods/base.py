@@ -1,8 +1,10 @@
 """The method contract and registry.
 
 A *method* turns a loaded base model into a trainable one (LoRA, prefix-tuning, a
-bottleneck adapter, full fine-tuning...). Each family lives in one module and registers
-its names here; adding a method is one file plus one ``@register`` line.
+bottleneck adapter, full fine-tuning...). Each family lives in one module, declares the
+config class of its ``method:`` keys there (:attr:`Method.config_class`) and registers its
+names here; adding a method is one file plus one ``@register`` line (and its import in
+``methods/__init__.py``), with no edit of :mod:`tunelab.config`.
 
 Where things are saved, relative to a run directory:
 
@@ -22,18 +24,22 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager
 import torch
 from torch import nn
 
+from tunelab.config import MethodConfig, registered_methods
 from tunelab.errors import ConfigError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from tunelab.config import MethodConfig, TrainConfig
+    from tunelab.config import TrainConfig
 
 
 class Method:
     """Base class; subclasses override what differs."""
 
     name: str = ""
+    #: The keys of ``method:`` for this method's types (declared next to the method); the
+    #: registry below is how :mod:`tunelab.config` finds it for ``method.type``.
+    config_class: type[MethodConfig] = MethodConfig
     #: Whether :meth:`merge` can fold the method into plain base weights.
     mergeable: bool = False
     #: Why not, for the error message when export is refused.
@@ -108,12 +114,11 @@ def register(*names: str) -> Callable[[type[Method]], type[Method]]:
 
 def get_method(cfg: "MethodConfig") -> Method:
     """Instantiate the registered method for ``cfg.type``."""
-    import tunelab.methods  # noqa: F401  (registers every family)
-
+    methods = registered_methods()  # every family registered (imported by name on first use)
     try:
-        cls = METHODS[cfg.type]
+        cls = methods[cfg.type]
     except KeyError:
-        known = ", ".join(sorted(METHODS))
+        known = ", ".join(sorted(methods))
         raise ConfigError(f"method.type '{cfg.type}' is not available. Known methods: {known}.") from None
     method = cls(cfg)
     method.name = cfg.type

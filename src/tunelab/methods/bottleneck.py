@@ -21,11 +21,13 @@ from __future__ import annotations
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
+from tunelab.config import MethodConfig
 from tunelab.errors import ConfigError
 from tunelab.io import atomic_dir, write_json
 from tunelab.methods.base import Method, register
@@ -33,13 +35,40 @@ from tunelab.methods.bottleneck_layout import DecoderLayout, attach, find_attach
 from tunelab.methods.bottleneck_modules import AdapterSet
 from tunelab.methods.bottleneck_spec import (FUSABLE, SPEC_FILE, WEIGHTS_FILE, AdapterSpec, SavedAdapter, build_spec,
                                              read_saved, unit_from_config)
-from tunelab.methods.prompts import init_prefix_from_text
+from tunelab.methods.prompts import PrefixConfig, init_prefix_from_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 #: MAM: subdirectory of the adapter directory holding the PEFT prefix-tuning part.
 PREFIX_DIR = "prefix"
+
+
+class AdapterDropConfig(MethodConfig):
+    """AdapterDrop (Ruckle et al. 2021): no adapters in the lowest layers, for speed."""
+
+    drop_layers: int = Field(0, ge=0, description="AdapterDrop: skip adapters in the first N layers.")
+    drop_at: Literal["train", "inference", "both"] = Field("both", description="When AdapterDrop skips them.")
+
+
+class BottleneckConfig(AdapterDropConfig):
+    """The shape of one bottleneck adapter."""
+
+    reduction_factor: int = Field(16, gt=0, description="Adapter bottleneck = hidden size / reduction_factor.")
+    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = Field("relu", description="Activation between the "
+                                                                                       "down and up projection.")
+    scaling: float = Field(1.0, description="Factor on the adapter's output.")
+
+
+class MixAndMatchConfig(BottleneckConfig, PrefixConfig):
+    """MAM: a parallel adapter plus a prefix."""
+
+
+class FusionConfig(AdapterDropConfig):
+    """AdapterFusion: the trained adapters to combine."""
+
+    fusion_adapters: list[str] = Field(default_factory=list, description="adapter_fusion: run dirs of trained "
+                                                                          "adapters.")
 
 
 def _base_size(model: nn.Module, layout: DecoderLayout) -> tuple[int, int]:
@@ -51,6 +80,8 @@ class BottleneckAdapter(Method):
     """Houlsby (after attention and MLP), Pfeiffer (after the MLP) or parallel (beside the
     MLP, scaled) bottleneck adapters; ``method.type`` picks the placement."""
 
+    config_class: type[MethodConfig] = BottleneckConfig
+    cfg: BottleneckConfig
     mergeable = False
     merge_refusal = ("bottleneck adapters apply a non-linearity between their down- and up-projection, so they "
                      "cannot be folded into the base model's linear weights.")
@@ -157,6 +188,8 @@ class MixAndMatch(BottleneckAdapter):
     prefix-only model, not the bare base. The hooks sit on the base model inside the PEFT
     wrapper, so both parts run in every forward."""
 
+    config_class = MixAndMatchConfig
+    cfg: MixAndMatchConfig
     supports_gradient_checkpointing = False  # PEFT refuses prefix-tuning on a checkpointing model
     supports_packing = False  # the PEFT prefix turns transformers' packed-sequence detection off
 
@@ -199,6 +232,9 @@ class AdapterFusion(BottleneckAdapter):
     their outputs. Only the fusion parameters train; it starts as the plain average of the
     adapters (see :class:`~tunelab.methods.bottleneck_modules.Fusion`). AdapterDrop settings
     of the fusion run apply; those saved with the fused adapters are ignored."""
+
+    config_class = FusionConfig
+    cfg: FusionConfig  # type: ignore[assignment]
 
     def _fresh(self, hidden: int, layers: int) -> tuple[AdapterSpec, dict[str, torch.Tensor]]:
         runs = self.cfg.fusion_adapters

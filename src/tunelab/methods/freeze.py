@@ -16,11 +16,21 @@ from __future__ import annotations
 
 from fnmatch import fnmatchcase
 
+from pydantic import Field
 from torch import nn
 
+from tunelab.config import MethodConfig
 from tunelab.errors import ConfigError
 from tunelab.methods.base import register
 from tunelab.methods.full import Full
+
+
+class FreezeConfig(MethodConfig):
+    """Which parts of the base train."""
+
+    trainable_layers: int = Field(2, ge=0, description="Train the last N decoder layers.")
+    trainable_modules: list[str] = Field(default_factory=list, description="Also train modules matching these name "
+                                                                           "patterns (e.g. norm, lm_head, '*norm').")
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -58,6 +68,9 @@ def pattern_modules(model: nn.Module, patterns: list[str]) -> list[nn.Module]:
 @register("freeze")
 class Freeze(Full):
     """Last ``trainable_layers`` decoder layers + ``trainable_modules`` train; the rest is frozen."""
+
+    config_class = FreezeConfig
+    cfg: FreezeConfig
 
     def select_trainable(self, model: nn.Module) -> None:
         count = self.cfg.trainable_layers

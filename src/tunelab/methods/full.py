@@ -9,11 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from safetensors import SafetensorError
 from torch import nn
 
 from tunelab.errors import ConfigError
 from tunelab.io import atomic_dir
 from tunelab.methods.base import Method, register
+from tunelab.models.loader import damaged_weights
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -69,8 +71,12 @@ class Full(Method):
             raise ConfigError(f"{path}/config.json does not exist, so {run_dir} holds no full model. Pass the "
                               f"output_dir of a finished '{self.cfg.type}' run (method.init_from or the run to "
                               "load); adapter methods keep their weights in adapter/ instead.")
-        model = type(base).from_pretrained(str(path), dtype=base.dtype,
-                                           attn_implementation=base.config._attn_implementation)
+        try:
+            model = type(base).from_pretrained(str(path), dtype=base.dtype,
+                                               attn_implementation=base.config._attn_implementation)
+        except SafetensorError as err:
+            raise damaged_weights(path, err, fix=f"Restore {path} from a copy of the run, or train the run "
+                                                 "again.") from None
         model.to(base.device)
         if trainable:
             self.select_trainable(model)

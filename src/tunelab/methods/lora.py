@@ -23,11 +23,13 @@ import copy
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Union
 
 import torch
+from pydantic import Field
 from torch import nn
 
+from tunelab.config import MethodConfig
 from tunelab.errors import ConfigError
 from tunelab.methods.base import register
 from tunelab.methods.peft_common import ADAPTER_NAME, PeftMethod
@@ -36,7 +38,51 @@ if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from tunelab.config import MethodConfig, TrainConfig
+    from tunelab.config import TrainConfig
+
+
+class TargetModulesConfig(MethodConfig):
+    """Adapters placed on named modules of the base (the LoRA family and IA3)."""
+
+    target: Union[str, list[str]] = Field("all-linear", description="Modules that get an adapter: 'all-linear', "
+                                                                    "a module name, or a list of names.")
+    modules_to_save: list[str] = Field(default_factory=list, description="Modules trained in full and saved with "
+                                                                         "the adapter (e.g. lm_head).")
+
+
+class LoraFamilyConfig(TargetModulesConfig):
+    """Low-rank updates scaled by alpha: LoRA and its variants, AdaLoRA."""
+
+    alpha: float = Field(16.0, gt=0, description="Scale of the update: alpha / r (alpha / sqrt(r) with rsLoRA).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
+
+
+class LoraMethodConfig(LoraFamilyConfig):
+    """LoRA, DoRA, rsLoRA, PiSSA, LoRA+ and QLoRA."""
+
+    r: int = Field(8, gt=0, description="Rank of the update matrices.")
+    use_dora: bool = Field(False, description="Decompose updates into magnitude and direction (DoRA).")
+    use_rslora: bool = Field(False, description="Scale updates by alpha / sqrt(r) (rsLoRA).")
+    init: Literal["default", "gaussian", "pissa", "olora"] = Field(
+        "default", description="Initialisation of A and B; pissa and olora start from the base weights.")
+    loraplus_lr_ratio: float | None = Field(None, gt=0, description="LoRA+: learning rate of B = lr x ratio.")
+
+
+class AdaLoraMethodConfig(LoraFamilyConfig):
+    """AdaLoRA's rank budget and its schedule (in optimizer steps)."""
+
+    init_r: int = Field(12, gt=0, description="Rank every matrix starts with.")
+    target_r: int = Field(8, gt=0, description="Average rank left after pruning.")
+    tinit: int = Field(0, ge=0, description="Steps of full rank before pruning starts.")
+    tfinal: int = Field(0, ge=0, description="Steps at the final budget at the end of the run.")
+    deltaT: int = Field(1, gt=0, description="Steps between two rank reallocations.")
+
+
+class IA3MethodConfig(TargetModulesConfig):
+    """(IA)^3's scaled modules."""
+
+    feedforward_modules: list[str] | None = Field(None, description="Targets scaled on their input (the FFN "
+                                                                    "ones); default: PEFT's choice per architecture.")
 
 #: tunelab's ``method.init`` -> PEFT's ``init_lora_weights``. PiSSA uses the exact SVD:
 #: it is deterministic, so a resumed run rebuilds the same residual base.
@@ -71,6 +117,8 @@ class Lora(PeftMethod):
     (b) :meth:`reference` can reproduce the original model by swapping A0/B0 in.
     """
 
+    config_class = LoraMethodConfig
+    cfg: LoraMethodConfig
     peft_type = "LORA"
     mergeable = True
     #: Forced switches of the registered subclasses (OR-ed with the config flags).
@@ -269,10 +317,12 @@ class AdaLora(PeftMethod):
     the importance scores read the gradients).
     """
 
+    config_class = AdaLoraMethodConfig
+    cfg: AdaLoraMethodConfig
     peft_type = "ADALORA"
     mergeable = True
 
-    def __init__(self, cfg: "MethodConfig"):
+    def __init__(self, cfg: AdaLoraMethodConfig):
         super().__init__(cfg)
         self.total_steps: int | None = None
 
@@ -327,6 +377,8 @@ class IA3(PeftMethod):
     feed-forward module).
     """
 
+    config_class = IA3MethodConfig
+    cfg: IA3MethodConfig
     peft_type = "IA3"
     mergeable = True
 

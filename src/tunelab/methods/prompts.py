@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
+from tunelab.config import MethodConfig
 from tunelab.errors import ConfigError
 from tunelab.methods.base import register, trainable_state
 from tunelab.methods.peft_common import ADAPTER_NAME, PeftMethod
@@ -36,10 +38,43 @@ if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from tunelab.config import MethodConfig
-
 #: Full trainable state of the prompt encoder, next to PEFT's own files.
 TRAINABLE_FILE = "tunelab_trainable.safetensors"
+
+#: Keys two prompt configs share without sharing a parent: declared once, used by both.
+PromptInitText = Annotated[str | None, Field(
+    description="Start the virtual tokens at this text: its embeddings (prompt) or the base's key/values of it "
+                "(prefix, ptuning_v2, mam without prefix_projection).")]
+EncoderHiddenSize = Annotated[int | None, Field(
+    description="Hidden size of the prompt encoder (MLP/LSTM); default: the model's hidden size.")]
+
+
+class VirtualTokensConfig(MethodConfig):
+    """Prompt learning: how many virtual tokens are learned."""
+
+    num_virtual_tokens: int = Field(20, gt=0, description="Virtual tokens prepended to every sequence.")
+
+
+class PromptConfig(VirtualTokensConfig):
+    """Prompt tuning."""
+
+    prompt_init_text: PromptInitText = None
+
+
+class PrefixConfig(VirtualTokensConfig):
+    """Prefix-tuning and P-tuning v2 (per-layer key/value prefixes)."""
+
+    prefix_projection: bool = Field(False, description="Produce the prefix through an MLP (prefix-tuning's "
+                                                       "reparameterisation).")
+    encoder_hidden_size: EncoderHiddenSize = None
+    prompt_init_text: PromptInitText = None
+
+
+class PTuningConfig(VirtualTokensConfig):
+    """P-tuning's prompt encoder."""
+
+    encoder_type: Literal["mlp", "lstm"] = Field("mlp", description="Prompt encoder network: mlp or lstm.")
+    encoder_hidden_size: EncoderHiddenSize = None
 
 
 class PromptMethod(PeftMethod):
@@ -101,7 +136,7 @@ def _virtual_token_ids(tokenizer: "PreTrainedTokenizerBase", text: str, count: i
     return (ids * math.ceil(count / len(ids)))[:count]
 
 
-def init_prefix_from_text(model: "PeftModel", tokenizer: "PreTrainedTokenizerBase", cfg: "MethodConfig") -> None:
+def init_prefix_from_text(model: "PeftModel", tokenizer: "PreTrainedTokenizerBase", cfg: PrefixConfig) -> None:
     """Start a fresh key/value prefix (prefix, ptuning_v2, MAM) at the base's own key/values of
     ``method.prompt_init_text``; without that text PEFT's random table stays.
 
@@ -146,6 +181,8 @@ def _encoder_hidden_size(method: PeftMethod, model: "PreTrainedModel") -> int:
 class Prefix(PromptMethod):
     """Prefix-tuning: trained key/value prefixes in every layer, optionally through an MLP."""
 
+    config_class = PrefixConfig
+    cfg: PrefixConfig
     peft_type = "PREFIX_TUNING"
     #: PEFT passes prefixes as past_key_values, which gradient checkpointing does not support.
     supports_gradient_checkpointing = False
@@ -178,6 +215,8 @@ class PTuningV2(Prefix):
 class PromptTuning(PromptMethod):
     """Prompt tuning: trained input embeddings, random or from ``prompt_init_text``."""
 
+    config_class = PromptConfig
+    cfg: PromptConfig
     peft_type = "PROMPT_TUNING"
 
     def peft_config(self, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase") -> "PeftConfig":
@@ -209,6 +248,8 @@ class PromptTuning(PromptMethod):
 class PTuning(PromptMethod):
     """P-tuning: virtual input embeddings produced by an MLP or LSTM prompt encoder."""
 
+    config_class = PTuningConfig
+    cfg: PTuningConfig
     peft_type = "P_TUNING"
 
     def peft_config(self, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase") -> "PeftConfig":

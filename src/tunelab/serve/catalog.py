@@ -6,6 +6,10 @@ each run, and the bare base, is one model id of the same module. Runs that are n
 adapters (full or freeze fine-tuning, native bottleneck adapters), and PEFT adapters of a
 different PEFT type than the first one (PEFT cannot mix types on one module), are loaded
 as separate models and cost their own memory.
+
+A single argument that is not a run directory but a base model (the embedded name, a
+Hugging Face directory or a .gguf file) serves that model alone, prompted with its
+tokenizer's own chat template.
 """
 
 from __future__ import annotations
@@ -14,12 +18,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunelab.config import DEFAULT_MODEL, ModelConfig, RunConfig, load_run_config
+from tunelab.config import DEFAULT_MODEL, DataConfig, ModelConfig, RunConfig
 from tunelab.errors import ConfigError
-from tunelab.inference import is_run_dir
 from tunelab.methods.base import get_method
 from tunelab.methods.peft_common import ADAPTER_CONFIG_FILE, PeftMethod, adapter_dir
-from tunelab.models.loader import resolve_source
+from tunelab.models.loader import resolve_source, with_granted_remote_code
+from tunelab.runs import RunDir
 
 #: ModelConfig keys that change how the shared base is loaded (not which weights it has).
 _LOADING_KEYS = ("dtype", "quantization", "quant_type", "double_quant", "compute_dtype", "attn_implementation")
@@ -50,6 +54,12 @@ class ServePlan:
     @property
     def separate(self) -> list[ServedRun]:
         return [run for run in self.runs if run.adapter is None]
+
+    def base_config(self) -> RunConfig:
+        """How the bare base is prompted: with the first run's template, so base and adapters see
+        the same text; with the tokenizer's own when the base is served alone."""
+        data = DataConfig(template=self.runs[0].cfg.data.template) if self.runs else DataConfig()
+        return RunConfig(model=self.base, data=data)
 
 
 def base_model_id(model: ModelConfig) -> str:
@@ -90,13 +100,16 @@ def _read_runs(runs: list[str]) -> list[tuple[Path, RunConfig]]:
                           "`tunelab train`); its base model is served too.")
     seen: dict[Path, RunConfig] = {}
     for run in runs:
-        if not is_run_dir(run):
-            raise ConfigError(f"{run} is not a tunelab run directory: {Path(run) / 'config.yaml'} is missing. Pass "
-                              "the output_dir of a finished `tunelab train` run; its base model is served "
-                              "automatically.")
+        if not RunDir(run).is_run():
+            raise ConfigError(f"{run} is not a tunelab run directory: {RunDir(run).config} is missing. Pass "
+                              "the output_dir of a finished `tunelab train` run (its base model is served "
+                              "automatically), or a single base model (embedded name, Hugging Face directory or "
+                              ".gguf file) to serve it alone.")
         path = Path(run).resolve()
         if path not in seen:
-            seen[path] = load_run_config(path)
+            cfg = RunDir(path).read_config()
+            cfg.model = with_granted_remote_code(cfg.model)  # never the run's own choice
+            seen[path] = cfg
     return list(seen.items())
 
 
@@ -116,8 +129,19 @@ def _check_same_base(runs: list[tuple[Path, RunConfig]], notes: list[str]) -> No
                          f"as in {first_path.name}.")
 
 
+def _bare_model(argument: str) -> ModelConfig | None:
+    """``argument`` as a base model to serve alone, or None when it names no model."""
+    try:
+        resolve_source(argument)
+    except ConfigError:
+        return None
+    return with_granted_remote_code(ModelConfig(name_or_path=argument))
+
+
 def plan(runs: list[str]) -> ServePlan:
-    """Decide ids and placement for ``runs`` (paths of run directories) and their base."""
+    """Decide ids and placement for ``runs`` (paths of run directories, or one base model) and their base."""
+    if len(runs) == 1 and not RunDir(runs[0]).is_run() and (bare := _bare_model(runs[0])) is not None:
+        return ServePlan(bare, base_model_id(bare), [])
     read = _read_runs(runs)
     notes: list[str] = []
     _check_same_base(read, notes)

@@ -3,7 +3,12 @@
 The first adapter is loaded with ``PeftModel.from_pretrained`` and the others with
 ``load_adapter``, each under its own name; a request selects its adapter with
 ``set_adapter`` and the bare base runs inside ``disable_adapter()``. Only the engine's
-worker thread calls :meth:`TransformersBackend.run`, so switching adapters is safe.
+worker thread generates, so switching adapters is safe.
+
+Two ways to generate: :meth:`TransformersBackend.lane` gives a model id a continuously
+batched :class:`~tunelab.serve.batching.DecodeBatch`; models it cannot serve (prompt
+learning, whose virtual tokens are not in the weights) go through
+:meth:`TransformersBackend.run`, i.e. :func:`tunelab.inference.complete`.
 """
 
 from __future__ import annotations
@@ -14,12 +19,12 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from tunelab.config import DataConfig, RunConfig
 from tunelab.data.templates import get_template
 from tunelab.errors import TunelabError
 from tunelab.inference import Completion, GenerationRow, LoadedRun, complete, load_run, wrap_run
 from tunelab.methods.base import get_method
 from tunelab.models.loader import load_base, pick_device
+from tunelab.serve.batching import DecodeBatch, steppable
 from tunelab.serve.catalog import ServePlan, ServedRun
 from tunelab.serve.engine import ServedModel
 
@@ -65,7 +70,7 @@ def _attach_adapters(base: nn.Module, runs: list[ServedRun]) -> tuple[nn.Module,
 
 
 class TransformersBackend:
-    """Generates with transformers' ``generate`` (through :func:`tunelab.inference.complete`)."""
+    """Generates with the model's forward pass: continuously batched, or through ``generate``."""
 
     def __init__(self, models: dict[str, ServedModel]):
         self.models = models
@@ -88,14 +93,16 @@ class TransformersBackend:
                 add(served.id, run, plan.base_id, lambda name=adapter_of[served.id]: _adapter(model, name))
             else:
                 add(served.id, load_run(served.path, device), plan.base_id, nullcontext)
-        # The base is prompted with the runs' template, so base and adapters see the same text.
-        template = plan.runs[0].cfg.data.template
-        base_cfg = RunConfig(model=plan.base, data=DataConfig(template=template))
-        base_run = LoadedRun(model, base_tokenizer, get_template(template, base_tokenizer), base_cfg, None,
-                             plan.base.name_or_path)
+        base_cfg = plan.base_config()
+        base_run = LoadedRun(model, base_tokenizer, get_template(base_cfg.data.template, base_tokenizer), base_cfg,
+                             None, plan.base.name_or_path)
         add(plan.base_id, base_run, None, model.disable_adapter if names else nullcontext)
         return cls(models)
 
     def run(self, model: ServedModel, rows: list[GenerationRow]) -> list[Completion]:
         with model.activate():
             return complete(model.run, rows)
+
+    def lane(self, model: ServedModel) -> DecodeBatch | None:
+        """A continuous batch for ``model``, or None when only :meth:`run` generates it correctly."""
+        return DecodeBatch(model) if steppable(model.run.model) else None

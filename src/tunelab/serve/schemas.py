@@ -39,7 +39,7 @@ class OpenAIRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=MAX_CHOICES)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2 ** 63, le=2 ** 63 - 1)  # OpenAI's int64; torch refuses larger seeds
     stream: bool = False
     stream_options: dict[str, Any] | None = None
 

@@ -16,7 +16,6 @@ import json
 from contextlib import nullcontext
 from typing import Any
 
-from tunelab.config import DataConfig, RunConfig
 from tunelab.data.templates import get_template
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.inference import Completion, GenerationRow, LoadedRun, stop_token_ids, wrap_run
@@ -95,10 +94,10 @@ class VllmBackend:
             loaded = wrap_run(None, run.path, run.cfg, get_method(run.cfg.method))  # type: ignore[arg-type]
             models[run.id] = ServedModel(run.id, loaded, str(run.path), plan.base_id, context, nullcontext)
             lora[run.id] = LoRARequest(run.id, number, str(run.adapter))
-        template = plan.runs[0].cfg.data.template
+        base_cfg = plan.base_config()
         tokenizer = load_tokenizer(plan.base)
-        base = LoadedRun(None, tokenizer, get_template(template, tokenizer),  # type: ignore[arg-type]
-                         RunConfig(model=plan.base, data=DataConfig(template=template)), None, plan.base.name_or_path)
+        base = LoadedRun(None, tokenizer, get_template(base_cfg.data.template, tokenizer),  # type: ignore[arg-type]
+                         base_cfg, None, plan.base.name_or_path)
         models[plan.base_id] = ServedModel(plan.base_id, base, plan.base.name_or_path, None, context, nullcontext)
         lora[plan.base_id] = None
         return cls(llm, models, lora)

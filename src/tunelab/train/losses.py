@@ -28,9 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from tunelab.data.records import IGNORE_INDEX
 from tunelab.errors import ConfigError
-
-IGNORE_INDEX = -100
 
 LMHead = nn.Module | Tensor
 """The output projection: a module (``nn.Linear``, a PEFT-wrapped Linear, ...) called on
@@ -348,10 +347,3 @@ def pairwise_reward_loss(chosen_scores: Tensor, rejected_scores: Tensor) -> Tens
     """
     _check_pairs(chosen_scores, rejected_scores)
     return -F.logsigmoid(chosen_scores.float() - rejected_scores.float())
-
-
-def pairwise_accuracy(chosen_scores: Tensor, rejected_scores: Tensor) -> Tensor:
-    """Fraction of pairs whose chosen score is strictly higher (ties count as wrong, so a
-    constant reward model scores 0, not 0.5)."""
-    _check_pairs(chosen_scores, rejected_scores)
-    return (chosen_scores > rejected_scores).float().mean()

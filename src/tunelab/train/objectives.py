@@ -1,76 +1,36 @@
-"""What a training stage computes from a batch.
+"""What a batch-loop stage computes from a batch: the :class:`Objective` contract and its helpers.
 
 Every objective returns a loss *summed* over its units (supervised tokens for language
-modelling, pairs for preference losses) plus the number of units, so the loop can divide
-by the total over all micro-batches of an optimizer step: accumulated gradients then equal
-the large-batch gradient exactly (token-level normalisation).
+modelling, pairs for preference losses, examples for KTO) plus the number of units, so
+the loop can divide by the total over all micro-batches of an optimizer step: accumulated
+gradients then equal the large-batch gradient exactly (token-level normalisation).
+Metrics are summed the same way, so the loop's averages are exact however a step is cut.
 
-The language-model head is applied by us, in chunks (see ``losses.causal_lm_loss``): the
-model runs with its output layer bypassed and returns hidden states, so the full
+The language-model head is applied by us, in chunks (see ``losses.causal_lm_loss``), on
+the hidden states of :func:`tunelab.models.forward.hidden_states`, so the full
 batch x length x vocabulary logits never exist at once.
 
-This module holds the contract and causal LM; the sequence-level stages (rm, dpo, kto) are
-in :mod:`tunelab.train.preference`, and PPO has its own rollout loop (:mod:`tunelab.train.ppo`).
+This module holds the contract, causal LM (stages ``pt`` and ``sft``) and the helpers the
+sequence-level objectives share; each of those lives in its stage's module
+(:mod:`tunelab.train.stages`).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from tunelab.data.batching import model_inputs
-from tunelab.errors import ConfigError
-from tunelab.train.losses import causal_lm_loss
+from tunelab.data.records import IGNORE_INDEX
+from tunelab.models.forward import Batch, hidden_states
+from tunelab.train.losses import causal_lm_loss, sequence_logps
 
 if TYPE_CHECKING:
     from tunelab.config import RunConfig
     from tunelab.methods.base import Method
-
-Batch = dict[str, torch.Tensor]
-
-
-def _find_output_head(model: nn.Module) -> tuple[nn.Module, str, nn.Module]:
-    """(parent module, attribute name, head) of the model's output embedding, through any wrapper."""
-    head = model.get_output_embeddings()
-    if head is None:
-        raise RuntimeError(f"{type(model).__name__} has no output embedding layer")
-    for name, module in model.named_modules():
-        if module is head:
-            parent_name, _, attr = name.rpartition(".")
-            return model.get_submodule(parent_name), attr, head
-    raise RuntimeError("output embedding layer not found among the model's modules")
-
-
-@contextmanager
-def output_head_bypassed(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, ``model(...).logits`` are the final hidden states; yields the real head.
-
-    Swapping the head for an identity works for every wrapper (PEFT LoRA, prompt learning,
-    our adapters) without reimplementing their forward passes.
-    """
-    parent, attr, head = _find_output_head(model)
-    setattr(parent, attr, nn.Identity())
-    try:
-        yield head
-    finally:
-        setattr(parent, attr, head)
-
-
-def hidden_states(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, nn.Module]:
-    """Final hidden states aligned with ``batch['input_ids']``, and the output head.
-
-    Prompt-learning methods prepend virtual tokens; only the last T positions belong to
-    the batch.
-    """
-    with output_head_bypassed(model) as head:
-        out = model(**model_inputs(batch))
-    hidden = out.logits
-    length = batch["input_ids"].shape[1]
-    return hidden[:, -length:, :], head
 
 
 class Objective:
@@ -84,6 +44,10 @@ class Objective:
         """(loss summed over units, metrics summed over units) for one micro-batch."""
         raise NotImplementedError
 
+    def eval_summary(self, result: dict[str, float]) -> dict[str, float]:
+        """The eval metrics (``eval_loss``, ``eval_<metric>``) plus any derived from them."""
+        return result
+
     def save(self, model: nn.Module, run_dir: Path) -> None:
         """Write what the stage adds beyond the method's weights (a reward model's value head)."""
 
@@ -95,25 +59,46 @@ class CausalLMObjective(Objective):
         self.chunk_size = chunk_size
 
     def count(self, batch: Batch) -> int:
-        return int((batch["labels"][:, 1:] != -100).sum())
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
         hidden, head = hidden_states(model, batch)
         total, _ = causal_lm_loss(hidden, head, batch["labels"], self.chunk_size)
         return total, {}
 
+    def eval_summary(self, result: dict[str, float]) -> dict[str, float]:
+        """Adds ``eval_perplexity`` = exp(mean token loss), capped so a diverged run still logs a number."""
+        return {**result, "eval_perplexity": math.exp(min(result["eval_loss"], 50.0))}
 
-def build_objective(cfg: "RunConfig", method: "Method", model: nn.Module, tokenizer: Any) -> Objective:
-    """The objective of ``cfg.stage`` for the batch loop.
 
-    Called after the method is applied and before the optimizer is built: a stage that adds
-    trainable weights (the reward model's value head) attaches them to ``model`` here.
-    """
-    if cfg.stage in ("pt", "sft"):
-        return CausalLMObjective(cfg.train.loss_chunk_size)
-    if cfg.stage == "ppo":
-        raise ConfigError("stage 'ppo' trains in its own rollout loop, not the batch loop: start it with "
-                          "`tunelab train` (tunelab.train.run_stage), which dispatches it to train_ppo.")
-    from tunelab.train.preference import build_sequence_objective  # imports this module
+def causal_lm_objective(cfg: "RunConfig", method: "Method", model: nn.Module, tokenizer: Any) -> Objective:
+    """The objective factory of stages ``pt`` and ``sft``."""
+    return CausalLMObjective(cfg.train.loss_chunk_size)
 
-    return build_sequence_objective(cfg, method, model, tokenizer)
+
+# ------------------------------------------------------------------- sequence-level helpers
+
+def batch_logps(model: nn.Module, batch: Batch, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed label log-prob [S] fp32, supervised token count [S]) of every sequence in ``batch``."""
+    hidden, head = hidden_states(model, batch)
+    return sequence_logps(hidden, head, batch["labels"], batch["sequence_index"], int(batch["num_sequences"]),
+                          chunk_size)
+
+
+def length_mean(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per-sequence sums divided by their token counts (an empty sequence counts as one token)."""
+    return sums / counts.clamp(min=1)
+
+
+def halves(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) of a pair batch laid out ``[chosen_0..chosen_{N-1}, rejected_0..rejected_{N-1}]``."""
+    n = values.shape[0] // 2
+    return values[:n], values[n:]
+
+
+def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Sums over pairs (the loop divides by the pair count)."""
+    return {"rewards/chosen": chosen_rewards.sum().detach(),
+            "rewards/rejected": rejected_rewards.sum().detach(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).sum().detach(),
+            "rewards/accuracy": (chosen_rewards > rejected_rewards).sum().float()}

@@ -32,41 +32,32 @@ reflected in them (as in common PPO implementations).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from tunelab.config import RunConfig, save_config
-from tunelab.data.pipeline import build_data
-from tunelab.errors import ConfigError, TunelabError
+from tunelab.config import RunConfig
+from tunelab.errors import ConfigError
 from tunelab.inference import LoadedRun, stop_token_ids
-from tunelab.methods.base import count_parameters, get_method
-from tunelab.train.checkpoint import (TrainState, checkpoint_if_due, list_checkpoints, load_checkpoint,
-                                     save_checkpoint)
-from tunelab.train.loop import (MicroBatches, StopFlag, TrainResult, check_run_dir, enable_gradient_checkpointing,
-                                load_training_base)
+from tunelab.models.forward import Batch, hidden_states
+from tunelab.models.value_head import ValueHead, attach_value_head, save_value_head
+from tunelab.train.batches import MicroBatches
+from tunelab.train.lifecycle import RunTrainer, StepOutput
 from tunelab.train.losses import token_logps
-from tunelab.train.monitor import Monitor, peak_memory_bytes
-from tunelab.train.objectives import Batch, hidden_states
-from tunelab.train.optim import build_optimizer, build_scheduler
 from tunelab.train.reference import ReferenceModel
 from tunelab.train.rewards import RewardSource, build_reward, check_reward_choice
 from tunelab.train.rl_math import (entropy_from_logits, gae, kl_penalised_rewards, masked_whiten, ppo_policy_loss,
                                    ppo_value_loss)
 from tunelab.train.rollout import Rollout, generation_config, sample_rollout
-from tunelab.train.runtime import make_accelerator
-from tunelab.train.value_head import ValueHead, attach_value_head, save_value_head
 
 
 def check_ppo_config(cfg: RunConfig) -> None:
     """Refuse settings PPO cannot honour, before anything is loaded."""
     check_reward_choice(cfg.ppo)
-    if cfg.method.dropout:
-        raise ConfigError(f"stage ppo needs method.dropout=0 (it is {cfg.method.dropout}): the policy that samples "
+    dropout = getattr(cfg.method, "dropout", 0.0)  # only the LoRA family has adapter dropout
+    if dropout:
+        raise ConfigError(f"stage ppo needs method.dropout=0 (it is {dropout}): the policy that samples "
                           "and the policy that is updated must be the same network, or the PPO ratio is wrong "
                           "from the first update on.")
     if cfg.train.grad_accum != 1:
@@ -164,41 +155,36 @@ class Experience:
     entropy: float
 
 
-class PPOTrainer:
-    """One PPO run: load, attach policy/critic/reward/reference, iterate, checkpoint, save."""
+class PPOTrainer(RunTrainer):
+    """One PPO run: policy, critic, reward and reference on one base; each step a rollout and its updates."""
 
-    def __init__(self, cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True):
+    loop = "rollout"
+
+    @staticmethod
+    def check_config(cfg: RunConfig) -> None:
         check_ppo_config(cfg)
-        self.cfg, self.resume, self.progress = cfg, resume, progress
-        self.run_dir = Path(cfg.output_dir)
-        check_run_dir(self.run_dir, resume, overwrite)
-        self.accelerator = make_accelerator(cfg.train.precision)
-        self.device = self.accelerator.device
-        torch.manual_seed(cfg.train.seed)
-        self.method = get_method(cfg.method)
-        base, self.tokenizer = load_training_base(cfg, self.accelerator, self.method)
-        self.data = build_data(cfg, self.tokenizer)
-        self.stream = MicroBatches([len(e.prompt_ids) for e in self.data.train], cfg.ppo.rollout_batch_size,
-                                   cfg.train.seed, group_by_length=False)
-        self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * self.stream.per_epoch))
-        self.updates_per_step = cfg.ppo.ppo_epochs * math.ceil(cfg.ppo.rollout_batch_size / cfg.ppo.mini_batch_size)
-        self.method.configure_schedule(self.total_steps * self.updates_per_step)
-        self.policy = self.method.apply(base, self.tokenizer)
-        if cfg.train.gradient_checkpointing:
-            enable_gradient_checkpointing(self.policy, self.method)
-        self.reference = ReferenceModel(self.method, self.policy, cfg.pref.ref_on_cpu)
-        self.value_head = attach_value_head(self.policy)
-        self.reward: RewardSource = build_reward(cfg, self.policy)
-        optimizer = build_optimizer(self.method.param_groups(self.policy, cfg.train), cfg.train)
-        self.scheduler = build_scheduler(optimizer, cfg.train, self.total_steps * self.updates_per_step)
-        self.model, self.optimizer = self.accelerator.prepare(self.policy, optimizer)
-        loaded = LoadedRun(self.policy, self.tokenizer, self.data.template, cfg, self.method, str(self.run_dir))
-        pad_id = self.tokenizer.pad_token_id
-        self.generation = generation_config(cfg.ppo, stop_token_ids(loaded), pad_id)
+
+    def batch_order(self) -> MicroBatches:
+        """Batches of ``ppo.rollout_batch_size`` prompts, in the batch loop's deterministic order."""
+        return MicroBatches([len(e.prompt_ids) for e in self.data.train], self.cfg.ppo.rollout_batch_size,
+                            self.cfg.train.seed, group_by_length=False)
+
+    def updates_per_step(self) -> int:
+        return self.cfg.ppo.ppo_epochs * math.ceil(self.cfg.ppo.rollout_batch_size / self.cfg.ppo.mini_batch_size)
+
+    def attach(self, model: nn.Module) -> None:
+        """Reference (the adapter switched off), critic head and reward source, all on the policy's base."""
+        cfg = self.cfg
+        self.policy = model
+        self.reference = ReferenceModel(self.method, model, cfg.pref.ref_on_cpu)
+        self.value_head = attach_value_head(model)
+        self.reward: RewardSource = build_reward(cfg, model)
+        loaded = LoadedRun(model, self.tokenizer, self.data.template, cfg, self.method, str(self.run_dir.root))
+        self.generation = generation_config(cfg.ppo, stop_token_ids(loaded), self.tokenizer.pad_token_id)
         self.micro = min(cfg.train.batch_size, cfg.ppo.mini_batch_size)
-        self.trainable_params, self.total_params = count_parameters(self.policy)
-        self.state = TrainState()
-        self.updates_done = 0
+        # Optimizer updates so far (AdaLoRA's schedule counts them): set from the step on the first update,
+        # so a resumed run continues the count.
+        self.updates_done: int | None = None
 
     # -- experience --------------------------------------------------------------------
     def _row_chunks(self, size: int, device: torch.device) -> list[torch.Tensor]:
@@ -263,6 +249,8 @@ class PPOTrainer:
 
     def update(self, exp: Experience) -> dict[str, float]:
         """``ppo_epochs`` passes over shuffled minibatches; returns the mean loss statistics."""
+        if self.updates_done is None:
+            self.updates_done = self.state.step * self.updates_per_step()
         self.model.train()  # dropout is 0 (checked); train mode lets gradient checkpointing run
         totals: dict[str, float] = {}
         count = 0
@@ -275,84 +263,24 @@ class PPOTrainer:
         self.model.eval()
         return {key: value / count for key, value in totals.items()}
 
-    # -- the run ------------------------------------------------------------------------
-    def _start(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(self.cfg, self.run_dir / "config.yaml")
-        if self.resume:
-            checkpoints = list_checkpoints(self.run_dir)
-            if not checkpoints:
-                raise TunelabError(f"--resume: {self.run_dir}/checkpoints holds no checkpoint to resume from. "
-                                   "Run without --resume, or set train.save_every so checkpoints are written.")
-            self.state = load_checkpoint(checkpoints[-1], self.policy, self.optimizer, self.scheduler)
-        self.updates_done = self.state.step * self.updates_per_step
-
-    def step_row(self, exp: Experience, stats: dict[str, float], seconds: float) -> dict[str, Any]:
-        """The metrics.jsonl line of one PPO step."""
+    # -- the step --------------------------------------------------------------------------
+    def step(self) -> StepOutput:
+        """Steps 1-5 of the module docstring for one batch of prompts."""
+        exp = self.collect(self.next_batch())
+        stats = self.update(exp)
         scores = exp.scores.float()
-        return {"step": self.state.step, "loss": stats["loss"], "reward_mean": float(scores.mean()),
-                "reward_std": float(scores.std(unbiased=False)), "kl": float(exp.kl.mean()),
-                "entropy": exp.entropy, "clipfrac": stats["clipfrac"], "value_loss": stats["value_loss"],
-                "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": exp.rollout.tokens / max(seconds, 1e-9)}
+        return StepOutput(exp.rollout.tokens, {
+            "loss": stats["loss"], "reward_mean": float(scores.mean()), "reward_std": float(scores.std(unbiased=False)),
+            "kl": float(exp.kl.mean()), "entropy": exp.entropy, "clipfrac": stats["clipfrac"],
+            "value_loss": stats["value_loss"]})
 
-    def run(self) -> TrainResult:
-        self._start()
-        is_main = self.accelerator.is_main_process
-        monitor = Monitor(self.run_dir, self.total_steps, self.state.step, enabled=is_main, progress=self.progress)
-        if is_main:
-            monitor.write(f"ppo with method {self.method.name}: {self.trainable_params:,} trainable of "
-                          f"{self.total_params:,} parameters; {len(self.data.train)} prompts; {self.total_steps} "
-                          f"steps of {self.cfg.ppo.rollout_batch_size} rollouts")
-        stream = self.stream.iterate(self.state.epoch, self.state.batch_in_epoch)
-        started = time.perf_counter()
-        total_tokens, last, interrupted = 0, {}, False
-        with StopFlag() as stop:
-            while self.state.step < self.total_steps:
-                step_start = time.perf_counter()
-                epoch, index, indices = next(stream)
-                self.state.epoch, self.state.batch_in_epoch = epoch, index + 1
-                exp = self.collect(indices)
-                stats = self.update(exp)
-                self.state.step += 1
-                self.state.tokens_seen += exp.rollout.tokens
-                total_tokens += exp.rollout.tokens
-                monitor.advance()
-                last = self.step_row(exp, stats, time.perf_counter() - step_start)
-                if self.state.step % self.cfg.train.log_every == 0 or self.state.step == self.total_steps:
-                    monitor.log(last)
-                if checkpoint_if_due(self.state.step, self.cfg.train.save_every, stop.requested, self._checkpoint,
-                                     monitor.write):
-                    interrupted = True
-                    break
-        wall = time.perf_counter() - started
-        if not interrupted:
-            self.save()
-        monitor.close()
-        return TrainResult(run_dir=self.run_dir, steps=self.state.step, final_loss=last.get("loss"), eval_loss=None,
-                           interrupted=interrupted, trainable_params=self.trainable_params,
-                           total_params=self.total_params, tokens_per_s=total_tokens / max(wall, 1e-9),
-                           peak_memory_bytes=peak_memory_bytes(self.device), wall_s=wall, last_metrics=last)
+    def announce(self) -> list[str]:
+        return [f"ppo with method {self.method.name}: {self.trainable_params:,} trainable of {self.total_params:,} "
+                f"parameters; {len(self.data.train)} prompts; {self.total_steps} steps of "
+                f"{self.cfg.ppo.rollout_batch_size} rollouts"]
 
-    def _checkpoint(self) -> None:
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            save_checkpoint(self.run_dir, self.policy, self.optimizer, self.scheduler, self.state,
-                            self.cfg.train.keep_last)
-
-    def save(self) -> None:
-        """Policy adapter (the method's format), value head, tokenizer and resolved config."""
-        self.accelerator.wait_for_everyone()
-        if not self.accelerator.is_main_process:
-            return
+    def save_outputs(self, model: nn.Module) -> None:
+        """The reward adapter leaves the policy before it is saved; the critic head is saved beside it."""
         self.reward.release()
-        self.method.save(self.policy, self.run_dir)
-        save_value_head(self.value_head, self.run_dir)
-        self.tokenizer.save_pretrained(self.run_dir)
-        save_config(self.cfg, self.run_dir / "config.yaml")
+        save_value_head(self.value_head, self.run_dir.root)
 
-
-def train_ppo(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress: bool = True) -> TrainResult:
-    """Train stage ``ppo`` described by ``cfg``; see :class:`PPOTrainer`."""
-    if cfg.stage != "ppo":
-        raise ConfigError(f"train_ppo runs stage 'ppo', but the config says stage '{cfg.stage}'.")
-    return PPOTrainer(cfg, resume=resume, overwrite=overwrite, progress=progress).run()

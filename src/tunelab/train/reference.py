@@ -58,11 +58,6 @@ class ReferenceModel:
         if reference is None or reference(model) is None:
             self.copy = _frozen_copy(model, on_cpu)
 
-    @property
-    def shares_weights(self) -> bool:
-        """True when the reference is the trained module with its adapter off (no copy)."""
-        return self.copy is None
-
     @contextmanager
     def _active(self) -> Iterator[nn.Module]:
         if self.copy is not None:

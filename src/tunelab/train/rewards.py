@@ -7,18 +7,25 @@ the active adapter to the reward model's for one forward pass and back. So PPO h
 copy of the base weights for policy, reference (adapters off), critic (a head on the
 policy's hidden states) and reward model.
 
-A rule reward (``ppo.reward_fn: "module:function"``) is any function
-``fn(prompts: list[str], responses: list[str]) -> list[float]``; the module is imported
-from the current directory or its ``examples/`` folder, then the normal import path.
+A rule reward (``ppo.reward_fn``) is any function
+``fn(prompts: list[str], responses: list[str]) -> list[float]``, named as
+``"module:function"`` (an installed module, found by the normal import system) or as
+``"path/to/file.py:function"`` (that file, relative to the current directory). A file in
+the current directory is never found by module name, so it cannot stand in for an
+installed package (a stray ``json.py`` next to the config).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
 import math
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Callable, Iterator, Protocol
 
 import torch
@@ -29,7 +36,7 @@ from tunelab.errors import ConfigError, TunelabError
 from tunelab.methods.peft_common import ADAPTER_NAME, require_adapter
 from tunelab.train.reference import eval_mode
 from tunelab.train.rollout import Rollout
-from tunelab.train.value_head import hidden_size_of, load_value_head, sequence_scores
+from tunelab.models.value_head import hidden_size_of, load_value_head, sequence_scores
 
 #: The name of the reward model's adapter inside the policy's PEFT model.
 REWARD_ADAPTER = "reward"
@@ -47,36 +54,90 @@ class RewardSource(Protocol):
 
 # ------------------------------------------------------------------------------ rule rewards
 
+def _is_working_directory(entry: str, index: int, cwd: Path) -> bool:
+    """Whether ``sys.path[index]`` is the working directory that Python itself put there: ``''``
+    (``python -c``, REPLs, notebooks) or, first, the directory of ``python -m``."""
+    if entry in ("", "."):
+        return True
+    try:
+        return index == 0 and Path(entry).resolve() == cwd
+    except OSError:
+        return False
+
+
 @contextmanager
-def _import_paths(*paths: Path) -> Iterator[None]:
-    added = [str(p) for p in paths if str(p) not in sys.path]
-    sys.path[:0] = added
+def _working_directory_hidden() -> Iterator[None]:
+    """Import without the working directory on ``sys.path``, so a local file never shadows an
+    installed module; entries the imported module adds are kept."""
+    cwd = Path.cwd().resolve()
+    saved = list(sys.path)
+    sys.path[:] = [entry for i, entry in enumerate(saved) if not _is_working_directory(entry, i, cwd)]
     try:
         yield
     finally:
-        for path in added:
-            sys.path.remove(path)
+        sys.path[:] = saved + [entry for entry in sys.path if entry not in saved]
 
 
-def load_reward_fn(spec: str) -> RewardFn:
-    """Import ``"module:function"`` (from the current directory, ``examples/``, or installed)."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ConfigError(f"ppo.reward_fn = {spec!r} is not of the form 'module:function'. Example: "
-                          "ppo.reward_fn=rewards:friendly_reward (rewards.py in the current directory or in "
-                          "examples/).")
-    cwd = Path.cwd()
+def _installed_module(name: str, spec: str, setting: str) -> ModuleType:
     try:
-        with _import_paths(cwd, cwd / "examples"):
-            module = importlib.import_module(module_name)
+        with _working_directory_hidden():
+            return importlib.import_module(name)
     except ModuleNotFoundError as err:
-        raise ConfigError(f"ppo.reward_fn = {spec!r}: module '{module_name}' cannot be imported ({err}). Put "
-                          f"{module_name}.py in the current directory ({cwd}) or in {cwd / 'examples'}, or install "
-                          "it.") from None
+        if err.name is not None and name != err.name and not name.startswith(f"{err.name}."):
+            raise ConfigError(f"{setting} = {spec!r}: module '{name}' imports '{err.name}', which is not installed. "
+                              f"Install it (pip install ...) in this environment.") from None
+        top = name.split(".")[0]
+        cwd = Path.cwd()
+        local = next((p for p in (cwd / f"{top}.py", cwd / "examples" / f"{top}.py") if p.is_file()), None)
+        hint = (f"To use the file {local}, name the file: {setting}={local.relative_to(cwd)}:{spec.rpartition(':')[2]}."
+                if local else f"Install it, or name a file instead: {setting}=path/to/{top}.py:function.")
+        raise ConfigError(f"{setting} = {spec!r}: module '{name}' cannot be imported ({err}); a module name is "
+                          f"looked up among installed packages only. {hint}") from None
+
+
+def _file_module(source: str, spec: str, setting: str) -> ModuleType:
+    """Execute the file ``source`` as a module of its own (a private name, so it shadows nothing)."""
+    path = Path(source).expanduser()
+    if path.suffix != ".py" or not path.is_file():
+        problem = "is not a .py file" if path.suffix != ".py" else "does not exist"
+        raise ConfigError(f"{setting} = {spec!r}: {path} {problem} (a relative path is read from the current "
+                          f"directory, {Path.cwd()}). Name a Python file as path/to/file.py:function, or an installed "
+                          "module as module:function.")
+    resolved = path.resolve()
+    name = f"_tunelab_reward_{resolved.stem}_{hashlib.sha256(str(resolved).encode()).hexdigest()[:12]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    module_spec = importlib.util.spec_from_file_location(name, resolved)
+    assert module_spec is not None and module_spec.loader is not None  # a .py file always has a source loader
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module  # while it runs, as an import would (dataclasses and pickle look it up)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as err:
+        del sys.modules[name]
+        raise ConfigError(f"{setting} = {spec!r}: {err.filename}, line {err.lineno}: {err.msg}. Fix the syntax "
+                          "error in that file.") from None
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def load_reward_fn(spec: str, setting: str = "ppo.reward_fn") -> RewardFn:
+    """The function named by ``spec``: ``"module:function"`` (installed) or ``"path/to/file.py:function"``.
+
+    ``setting`` is the config key ``spec`` came from, named in errors.
+    """
+    source, _, attr = spec.rpartition(":")
+    if not source or not attr.isidentifier():
+        raise ConfigError(f"{setting} = {spec!r} is not of the form 'module:function' or 'path/to/file.py:function'. "
+                          f"Example: {setting}=examples/rewards.py:friendly.")
+    as_file = source.endswith(".py") or "/" in source or os.sep in source
+    module = _file_module(source, spec, setting) if as_file else _installed_module(source, spec, setting)
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ConfigError(f"ppo.reward_fn = {spec!r}: module '{module_name}' ({module.__file__}) has no function "
-                          f"'{attr}'. Define def {attr}(prompts, responses) -> list[float] there.")
+        raise ConfigError(f"{setting} = {spec!r}: {module.__file__} has no function '{attr}'. Define "
+                          f"def {attr}(prompts, responses) -> list[float] there.")
     return fn
 
 

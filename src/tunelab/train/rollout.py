@@ -17,11 +17,10 @@ from torch import nn
 from transformers import GenerationConfig
 
 from tunelab.config import PPOConfig
-from tunelab.data.records import PromptExample
+from tunelab.data.records import IGNORE_INDEX, PromptExample
 from tunelab.inference import left_pad
-from tunelab.train.losses import IGNORE_INDEX
-from tunelab.train.objectives import Batch
-from tunelab.train.value_head import padded_sequence_index
+from tunelab.models.forward import Batch
+from tunelab.models.value_head import padded_sequence_index
 
 
 @dataclass

@@ -3,8 +3,8 @@
 One ``nn.Linear(hidden, 1)`` kept in fp32. It is attached to the trained model as the
 submodule ``value_head``, so the optimizer, the checkpoints (which store every trainable
 parameter by name) and ``--resume`` pick it up like any other trainable weight; at the end
-of a run it is written on its own to ``RUN/value_head.safetensors``, beside the method's
-adapter, so a reward model is "base + adapter + head" and the base is never duplicated.
+of a run it is written on its own to ``value_head.safetensors`` (``RunDir.value_head``),
+beside the method's adapter, so a reward model is "base + adapter + head" and the base is never duplicated.
 
 A sequence's score is read at its *last* real token: with a causal model that is the only
 position that has seen the whole prompt and answer.
@@ -20,10 +20,10 @@ from torch import nn
 
 from tunelab.errors import ConfigError
 from tunelab.io import atomic_open
-from tunelab.train.objectives import Batch, hidden_states
+from tunelab.models.forward import Batch, hidden_states
+from tunelab.runs import RunDir
 
 VALUE_HEAD_ATTR = "value_head"
-VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 class ValueHead(nn.Module):
@@ -95,8 +95,8 @@ def sequence_scores(model: nn.Module, head: ValueHead, batch: Batch) -> torch.Te
 
 
 def save_value_head(head: ValueHead, run_dir: str | Path) -> Path:
-    """Write ``run_dir/value_head.safetensors`` atomically (a crash leaves the old file or none)."""
-    target = Path(run_dir) / VALUE_HEAD_FILE
+    """Write ``RunDir(run_dir).value_head`` atomically (a crash leaves the old file or none)."""
+    target = RunDir(run_dir).value_head
     tensors = {name: t.detach().cpu().contiguous() for name, t in head.state_dict().items()}
     with atomic_open(target, "wb") as handle:
         handle.write(save(tensors, metadata={"hidden_size": str(head.hidden_size)}))
@@ -105,7 +105,7 @@ def save_value_head(head: ValueHead, run_dir: str | Path) -> Path:
 
 def load_value_head(run_dir: str | Path, hidden_size: int, device: torch.device | str = "cpu") -> ValueHead:
     """The frozen head saved in ``run_dir``, checked against the model it will read from."""
-    path = Path(run_dir) / VALUE_HEAD_FILE
+    path = RunDir(run_dir).value_head
     if not path.is_file():
         raise ConfigError(f"{path} does not exist, so {run_dir} is not a trained reward model. Pass the output_dir "
                           "of a finished `stage: rm` run (its value head is written when training ends).")

@@ -1,0 +1,385 @@
+"""One run lifecycle for every trainer; each trainer supplies only its step.
+
+:class:`RunTrainer` owns everything a run does around the maths, so the batch loop
+(:class:`tunelab.train.loop.Trainer`) and the rollout loops (PPO, GRPO) behave the same:
+
+1. ``check_config`` (the trainer's own checks), then :func:`check_run_dir`: nothing is
+   loaded and nothing is written before the config and the run directory are known good;
+2. :func:`prepare_run_dir`: the run directory, its ``config.yaml`` (written once, here) and
+   ``status.json`` ("running", with this pid);
+3. set-up: accelerator, seed, method, base model, data, step count, the method applied,
+   gradient checkpointing, the trainer's ``attach`` (objective, value head, reward,
+   reference...), optimizer, scheduler;
+4. ``run``: resume from the latest checkpoint, then steps until ``total_steps`` with
+   logging (``metrics.jsonl``, ``train.log``, ``status.json``), periodic evaluation,
+   checkpoints on schedule, and a clean stop (checkpoint, then exit) on SIGINT/SIGTERM;
+5. final evaluation and save: the trainer's ``save_outputs``, the method's weights, the
+   tokenizer; status "finished" (or "stopped"; "failed" with the error on any exception).
+
+Under ``accelerate launch``/``torchrun`` every process runs the lifecycle; only the main
+process writes into the run directory.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Literal
+
+import torch
+from torch import nn
+
+from tunelab.config import RunConfig
+from tunelab.data.pipeline import DataBundle, build_data
+from tunelab.errors import ConfigError, TunelabError
+from tunelab.memory import peak_memory_bytes
+from tunelab.methods.base import Method, count_parameters, get_method
+from tunelab.models.loader import load_base, training_dtype
+from tunelab.runs import RunDir
+from tunelab.train.batches import MicroBatches, total_steps
+from tunelab.train.checkpoint import TrainState, checkpoint_if_due, load_checkpoint, save_checkpoint
+from tunelab.trackers import with_trackers
+from tunelab.train.monitor import Monitor
+from tunelab.train.optim import build_optimizer, build_scheduler
+from tunelab.train.runtime import make_accelerator
+from tunelab.train.stages import get_stage
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from tunelab.train.stages.base import StageSpec
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    final_loss: float | None
+    eval_loss: float | None
+    interrupted: bool
+    trainable_params: int
+    total_params: int
+    tokens_per_s: float
+    peak_memory_bytes: int
+    wall_s: float
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepOutput:
+    """What one training step reports: tokens it put through the model, and its metrics.
+
+    The lifecycle adds ``step``, ``lr`` and ``tokens_per_s`` to ``row`` when it logs it.
+    """
+
+    tokens: int
+    row: dict[str, Any]
+
+
+class StopFlag:
+    """Turns the first SIGINT/SIGTERM into a request to checkpoint and stop; a second one aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def check_run_dir(run: RunDir, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix a new run into a directory that holds another run's results.
+
+    Called before anything is written: every rule about whether a run may start in a
+    directory belongs here.
+    """
+    if resume or overwrite or not run.root.exists():
+        return
+    leftovers = [path.name for path in run.trained_outputs()]
+    if leftovers:
+        raise TunelabError(f"output_dir {run.root} already holds a run ({', '.join(leftovers)}). Pass --resume to "
+                           "continue it, --overwrite to start over there, or set output_dir to a new directory.")
+
+
+def prepare_run_dir(run: RunDir, cfg: RunConfig, resume: bool) -> None:
+    """Make the run directory ready for a run that passed :func:`check_run_dir`.
+
+    Writes the resolved config (the only write of ``config.yaml`` in a run) and a
+    "running" status; a fresh start also clears the progress record (metrics, log, plot)
+    a previous run left there, so the files describe this run only.
+    """
+    run.root.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        for path in (run.metrics, run.log, run.loss_plot):
+            path.unlink(missing_ok=True)
+    run.write_config(cfg)
+    run.write_status(status="running", step=0, total_steps=None, error=None)
+
+
+def enable_gradient_checkpointing(model: nn.Module, method: Method) -> None:
+    if not method.supports_gradient_checkpointing:
+        raise ConfigError(f"train.gradient_checkpointing does not work with method '{method.name}' (its virtual "
+                          "tokens are passed as cached keys/values, which checkpointing discards). Set "
+                          "train.gradient_checkpointing=false for this method.")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()  # frozen embeddings: keep a grad path into checkpointed blocks
+
+
+def load_training_base(cfg: RunConfig, accelerator: "Accelerator", method: Method) -> tuple[nn.Module, Any]:
+    """The base model and tokenizer in the dtype this run trains with (see ``training_dtype``)."""
+    dtype = training_dtype(cfg.model.dtype, accelerator.mixed_precision, method.trains_base_weights)
+    return load_base(cfg.model, accelerator.device, dtype)
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, TunelabError):
+        return str(err)
+    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+
+
+class RunTrainer:
+    """The lifecycle of one run (module docstring); subclasses implement the hooks below.
+
+    Required: ``batch_order`` (which examples a step reads), ``attach`` (what the stage adds
+    to the model before the optimizer is built) and ``step`` (one optimizer step, or one
+    rollout-and-update step). Optional: ``check_config``, ``updates_per_step``,
+    ``announce``, ``baseline_metrics``, ``evaluate``, ``save_outputs``.
+
+    Attributes a step uses: ``cfg``, ``stage``, ``accelerator``, ``device``, ``method``,
+    ``tokenizer``, ``data``, ``model`` (prepared by accelerate), ``optimizer``,
+    ``scheduler``, ``state`` (``TrainState``: step and data position), ``total_steps``,
+    ``run_dir`` (a :class:`RunDir`), :meth:`next_batch` and :meth:`say`.
+    """
+
+    #: "batch" (optimizer steps over micro-batches of a dataset) or "rollout" (samples, then updates).
+    loop: ClassVar[Literal["batch", "rollout"]]
+
+    def __init__(self, cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True):
+        self.stage: "StageSpec" = get_stage(cfg.stage)
+        if not isinstance(self, self.stage.trainer):
+            raise ConfigError(f"stage '{cfg.stage}' is trained by {self.stage.trainer.__name__}, not "
+                              f"{type(self).__name__}: start it with `tunelab train` (tunelab.train.run_stage), "
+                              "which picks the stage's own loop.")
+        self.check_config(cfg)
+        self.cfg, self.resume, self.progress = cfg, resume, progress
+        self.run_dir = RunDir(cfg.output_dir)
+        check_run_dir(self.run_dir, resume, overwrite)
+        self.accelerator = make_accelerator(cfg.train.precision)
+        self.device = self.accelerator.device
+        self.is_main = self.accelerator.is_main_process
+        if self.is_main:
+            prepare_run_dir(self.run_dir, cfg, resume)
+        with self._recording_failure():
+            self._setup()
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)
+        self.method = get_method(cfg.method)
+        base, self.tokenizer = load_training_base(cfg, self.accelerator, self.method)
+        self.data: DataBundle = build_data(cfg, self.tokenizer)
+        self.stream = self.batch_order()
+        self.total_steps = total_steps(cfg, self.stream.per_epoch)
+        optimizer_steps = self.total_steps * self.updates_per_step()
+        self.method.configure_schedule(optimizer_steps)
+        model = self.method.apply(base, self.tokenizer)
+        if cfg.train.gradient_checkpointing:
+            enable_gradient_checkpointing(model, self.method)
+        self.attach(model)
+        optimizer = build_optimizer(self.method.param_groups(model, cfg.train), cfg.train)
+        self.scheduler = build_scheduler(optimizer, cfg.train, optimizer_steps)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.trainable_params, self.total_params = count_parameters(self.model)
+        self.state = TrainState()
+        self._status(total_steps=self.total_steps)
+
+    # -- hooks ----------------------------------------------------------------------------
+    @staticmethod
+    def check_config(cfg: RunConfig) -> None:
+        """Refuse settings this loop cannot honour; runs before anything is loaded or written."""
+
+    def batch_order(self) -> MicroBatches:
+        """The deterministic order in which steps read ``self.data.train``."""
+        raise NotImplementedError
+
+    def updates_per_step(self) -> int:
+        """Optimizer updates per step (rollout loops update several times per rollout)."""
+        return 1
+
+    def attach(self, model: nn.Module) -> None:
+        """Add what the stage needs to the method-applied ``model`` before the optimizer is built."""
+        raise NotImplementedError
+
+    def step(self) -> StepOutput:
+        """One training step: read batches with :meth:`next_batch`, update, report."""
+        raise NotImplementedError
+
+    def announce(self) -> list[str]:
+        """Lines printed (and logged) when training starts."""
+        return []
+
+    def baseline_metrics(self) -> dict[str, float]:
+        """Metrics logged at step 0 of a fresh run (the base model's eval loss)."""
+        return {}
+
+    def evaluate(self) -> dict[str, float]:
+        """Eval metrics (``eval_*``), every ``train.eval_every`` steps and at the end; {} for none."""
+        return {}
+
+    def save_outputs(self, model: nn.Module) -> None:
+        """Write what the stage adds to the run directory, before the method's weights are saved."""
+
+    # -- helpers for steps -----------------------------------------------------------------
+    def next_batch(self) -> list[int]:
+        """Indices of the next batch of ``self.data.train``; advances the data position in ``state``."""
+        epoch, index, indices = next(self._batches)
+        self.state.epoch, self.state.batch_in_epoch = epoch, index + 1
+        return indices
+
+    def say(self, text: str) -> None:
+        """A message for the user: on the terminal (above the progress bar) and in ``train.log``."""
+        monitor = getattr(self, "_monitor", None)
+        if monitor is not None:
+            monitor.write(text)
+            return
+        print(text, file=sys.stderr)  # during set-up, before the bar exists
+        if self.is_main:
+            self.run_dir.append_log(text)
+
+    @property
+    def epoch_progress(self) -> float:
+        """Epochs done, fractional (for the metrics row)."""
+        return round(self.state.epoch + self.state.batch_in_epoch / self.stream.per_epoch, 4)
+
+    # -- the run ---------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        with self._recording_failure():
+            return self._run()
+
+    def _run(self) -> TrainResult:
+        t = self.cfg.train
+        self._resume_if_asked()
+        self._monitor = monitor = with_trackers(Monitor(self.run_dir, self.total_steps, self.state.step,
+                                                        enabled=self.is_main, progress=self.progress),
+                                                self.cfg, enabled=self.is_main)
+        try:
+            for line in self.announce() if self.is_main else []:
+                monitor.write(line)
+            baseline = self.baseline_metrics() if self.state.step == 0 else {}
+            if baseline:
+                monitor.log({"step": 0, **baseline})
+            self._batches = self.stream.iterate(self.state.epoch, self.state.batch_in_epoch)
+            self._status(step=self.state.step, total_steps=self.total_steps)
+            started = time.perf_counter()
+            window_start, window_tokens, total_tokens = started, 0, 0
+            last: dict[str, Any] = {}
+            interrupted = False
+            with StopFlag() as stop:
+                while self.state.step < self.total_steps:
+                    out = self.step()
+                    self.state.step += 1
+                    self.state.tokens_seen += out.tokens
+                    window_tokens += out.tokens
+                    total_tokens += out.tokens
+                    monitor.advance()
+                    step = self.state.step
+                    if step % t.log_every == 0 or step == self.total_steps:
+                        now = time.perf_counter()
+                        last = {"step": step, **out.row, "lr": self.scheduler.get_last_lr()[0],
+                                "tokens_per_s": window_tokens / max(now - window_start, 1e-9)}
+                        window_start, window_tokens = now, 0
+                        monitor.log(last)
+                        self._status(step=step)
+                    if t.eval_every and step % t.eval_every == 0 and step != self.total_steps:
+                        self._log_eval(monitor)
+                    if checkpoint_if_due(step, t.save_every, stop.requested, self._checkpoint, monitor.write):
+                        interrupted = True
+                        break
+            wall = time.perf_counter() - started
+            final_eval = {} if interrupted else self._log_eval(monitor)
+            if not interrupted:
+                self.save()
+        finally:
+            monitor.close()
+        self._status(status="stopped" if interrupted else "finished", step=self.state.step)
+        return TrainResult(
+            run_dir=self.run_dir.root, steps=self.state.step, final_loss=last.get("loss"),
+            eval_loss=final_eval.get("eval_loss"), interrupted=interrupted,
+            trainable_params=self.trainable_params, total_params=self.total_params,
+            tokens_per_s=total_tokens / max(wall, 1e-9), peak_memory_bytes=peak_memory_bytes(self.device),
+            wall_s=wall, last_metrics={**baseline, **last, **final_eval})
+
+    def _log_eval(self, monitor: Monitor) -> dict[str, float]:
+        result = self.evaluate()
+        if result:
+            monitor.log({"step": self.state.step, **result})
+        return result
+
+    def _resume_if_asked(self) -> None:
+        if not self.resume:
+            return
+        latest = self.run_dir.latest_checkpoint()
+        if latest is None:
+            raise TunelabError(f"--resume: {self.run_dir.checkpoints} holds no checkpoint to resume from. Run "
+                               "without --resume, or set train.save_every so checkpoints are written.")
+        self.state = load_checkpoint(latest, self.accelerator.unwrap_model(self.model), self.optimizer,
+                                     self.scheduler)
+
+    def _checkpoint(self) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            save_checkpoint(self.run_dir.root, self.accelerator.unwrap_model(self.model), self.optimizer,
+                            self.scheduler, self.state, self.cfg.train.keep_last)
+
+    def save(self) -> None:
+        """Write the stage's outputs, the trained method and the tokenizer into the run directory."""
+        self.accelerator.wait_for_everyone()
+        if not self.is_main:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        self.save_outputs(model)
+        self.method.save(model, self.run_dir.root)
+        self.tokenizer.save_pretrained(self.run_dir.tokenizer)
+
+    # -- status ------------------------------------------------------------------------------
+    def _status(self, **fields: Any) -> None:
+        if self.is_main:
+            self.run_dir.write_status(**fields)
+
+    @contextmanager
+    def _recording_failure(self) -> Iterator[None]:
+        """On any exception, record it in ``status.json`` and ``train.log``, then let it propagate."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self._finish_with_error("stopped", "aborted by a second interrupt; --resume continues from the last "
+                                               "checkpoint")
+            raise
+        except BaseException as err:
+            self._finish_with_error("failed", _describe(err))
+            raise
+
+    def _finish_with_error(self, status: str, message: str) -> None:
+        if not self.is_main:
+            return
+        self.run_dir.append_log(f"{status}: {message}")
+        self.run_dir.write_status(status=status, error=message)
