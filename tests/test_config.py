@@ -4,8 +4,9 @@ import pytest
 from typer.testing import CliRunner
 
 from tunelab.cli import app
-from tunelab.config import build_config, describe_keys, load_config, load_run_config, save_config
+from tunelab.config import build_config, describe_keys, load_config, save_config
 from tunelab.errors import ConfigError
+from tunelab.runs import RunDir
 
 runner = CliRunner()
 
@@ -65,13 +66,13 @@ def test_save_and_reload_round_trip(tmp_path):
     cfg = build_config({"method": {"type": "dora", "target": ["q_proj", "v_proj"]}, "output_dir": str(tmp_path)},
                        ["train.max_steps=5"])
     save_config(cfg, tmp_path / "config.yaml")
-    again = load_run_config(tmp_path)
+    again = RunDir(tmp_path).read_config()
     assert again == cfg
 
 
 def test_run_config_missing_is_explained(tmp_path):
     with pytest.raises(ConfigError, match="not a tunelab run directory"):
-        load_run_config(tmp_path)
+        RunDir(tmp_path).read_config()
 
 
 def test_qlora_loads_the_base_in_4bit_unless_told_otherwise():

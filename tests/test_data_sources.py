@@ -429,7 +429,7 @@ def test_decode_utf8_names_line_and_column_in_a_document():
 
 
 def test_repo_like_names_only_go_to_the_hub_when_nothing_local_matches(tmp_path):
-    from tunelab.data.hub import looks_like_repo
+    from tunelab.data.sources import looks_like_repo
 
     assert looks_like_repo("org/name") and looks_like_repo("llamafactory/alpaca_en")
     assert not looks_like_repo("data/train.jsonl") and not looks_like_repo("name") and not looks_like_repo("a/b/c")

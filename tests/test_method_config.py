@@ -4,9 +4,10 @@ import pytest
 import yaml
 from pydantic import Field, ValidationError
 
-from tunelab.config import (MethodConfig, build_config, describe_keys, load_config, load_run_config,
+from tunelab.config import (MethodConfig, build_config, describe_keys, load_config,
                             method_config_classes, save_config)
 from tunelab.errors import ConfigError
+from tunelab.runs import RunDir
 from tunelab.methods.base import METHODS, Method, register
 from tunelab.methods.bottleneck import BottleneckConfig, FusionConfig, MixAndMatchConfig
 from tunelab.methods.freeze import FreezeConfig
@@ -108,19 +109,19 @@ def test_saved_config_has_only_the_types_keys_and_round_trips(tmp_path):
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["method"] == {"type": "prefix", "init_from": None, "num_virtual_tokens": 7,
                                "prefix_projection": False, "encoder_hidden_size": None, "prompt_init_text": None}
-    assert load_run_config(tmp_path) == cfg
+    assert RunDir(tmp_path).read_config() == cfg
 
 
 def test_run_configs_saved_before_per_type_methods_still_load(tmp_path):
     old = build_config({"output_dir": str(tmp_path)}).model_dump(mode="json")
     old["method"] = OLD_FLAT_METHOD
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
-    cfg = load_run_config(tmp_path)
+    cfg = RunDir(tmp_path).read_config()
     assert isinstance(cfg.method, LoraMethodConfig) and (cfg.method.r, cfg.method.alpha) == (16, 32.0)
     for type_, cls in [("houlsby", BottleneckConfig), ("freeze", FreezeConfig), ("full", MethodConfig)]:
         old["method"] = {**OLD_FLAT_METHOD, "type": type_}
         (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
-        assert type(load_run_config(tmp_path).method) is cls
+        assert type(RunDir(tmp_path).read_config().method) is cls
     with pytest.raises(ConfigError, match="does not apply"):  # a hand-written file stays strict
         load_config(tmp_path / "config.yaml")
 

@@ -31,6 +31,7 @@ from tunelab.errors import ConfigError  # noqa: E402
 from tunelab.inference import (Completion, GenerationOptions, GenerationRow, complete, encode_prompt,  # noqa: E402
                                stream)
 from tunelab.serve.app import build_engine, create_app  # noqa: E402
+from tunelab.serve import batching  # noqa: E402
 from tunelab.serve.batching import DecodeBatch, prefill_groups, steppable  # noqa: E402
 from tunelab.serve.catalog import plan  # noqa: E402
 from tunelab.serve.engine import Engine, Job, ServedModel  # noqa: E402
@@ -465,6 +466,7 @@ def _text(record: dict[str, Any]) -> str:
 def test_continuous_batches_give_each_row_its_greedy_answer_alone(engine, references, tok, monkeypatch):
     """Rows of three models join running batches mid-flight and leave at their own lengths, yet every
     answer equals plain one-at-a-time greedy generation."""
+    monkeypatch.setattr(batching, "CACHE_GROWTH", 2)  # the cache buffers fill and are regrown every 2 steps
     joins: list[tuple[int, int]] = []  # (rows running, rows joining) at every prefill
     widths: list[int] = []
     add, step = DecodeBatch.add, DecodeBatch.step
@@ -547,9 +549,12 @@ def test_a_failing_step_is_a_500_and_the_lane_serves_on(engine, monkeypatch):
     assert failures == [1]
 
 
-def test_prefill_groups_respect_the_token_budget():
-    assert prefill_groups("abcde", [10, 30, 5, 60, 2], budget=64) == [["a", "b"], ["c"], ["d"], ["e"]]
-    assert prefill_groups("ab", [100, 1], budget=64) == [["a"], ["b"]]  # a row longer than the budget still runs
+def test_prefill_groups_hold_similar_lengths_within_the_token_budget():
+    lengths = [10, 30, 9, 60, 2, 12, 11, 100]
+    assert prefill_groups("abcdefgh", lengths, budget=64, spread=1.25) == [["e"], ["c", "a", "g"], ["f"], ["b"],
+                                                                           ["d"], ["h"]]
+    assert prefill_groups("abcdefgh", lengths, budget=30, spread=2.0) == [["e"], ["c", "a"], ["g", "f"], ["b"],
+                                                                          ["d"], ["h"]]
 
 
 # ---------------------------------------------------------------------------- clients that go away

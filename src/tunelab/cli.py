@@ -103,6 +103,10 @@ MaxNewTokens = _generation_flag("max_new_tokens")
 TrustRemoteCode = Annotated[bool, typer.Option(
     "--trust-remote-code", help="Allow the base model's own Python code (auto_map) to run. Only for code you trust.")]
 
+#: `tunelab train`'s exit status when Ctrl-C/SIGTERM stopped the run after a checkpoint (0: finished, 2: user
+#: error), so a script or scheduler can tell "resume me" from "done" and from "fix the input".
+EXIT_STOPPED = 3
+
 
 @app.command()
 @_friendly
@@ -110,10 +114,22 @@ def train(
     config: Annotated[Path, typer.Argument(help="YAML run file (tunelab's, or a LLaMA-Factory training YAML).")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="key.sub=value overrides.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in output_dir.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Start over in an output_dir that holds a run.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start over in an output_dir that holds a run; the old run is "
+                                                 "moved aside to NAME.replaced-<UTC time>/.")] = False,
+    discard: Annotated[bool, typer.Option(help="With --overwrite: delete the old run instead of moving it "
+                                               "aside.")] = False,
+    force: Annotated[bool, typer.Option(help="Write the run into an output_dir that holds other files (not a "
+                                             "run).")] = False,
+    allow_config_change: Annotated[bool, typer.Option(help="With --resume: continue although the config changed "
+                                                           "train.lr, the length, logging/eval/save cadence or "
+                                                           "memory settings (never what is trained).")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
-    """Fine-tune a model as described by CONFIG."""
+    """Fine-tune a model as described by CONFIG.
+
+    Exit codes: 0 finished; 2 user error (config, data, output_dir; nothing was trained);
+    3 stopped by Ctrl-C/SIGTERM after saving a checkpoint (continue with --resume).
+    """
     from tunelab.config import load_config
     from tunelab.config_llamafactory import read_llamafactory
     from tunelab.train import run_stage
@@ -123,13 +139,16 @@ def train(
         typer.secho(converted.notice(), fg=typer.colors.YELLOW, err=True)
         resume, overwrite = resume or converted.resume, overwrite or converted.overwrite
     cfg = converted.config(overrides or []) if converted else load_config(config, overrides or [])
-    result = run_stage(cfg, resume=resume, overwrite=overwrite, progress=not quiet)
+    result = run_stage(cfg, resume=resume, overwrite=overwrite, discard=discard, force=force,
+                       allow_config_change=allow_config_change, progress=not quiet)
     state = "stopped (resume with --resume)" if result.interrupted else "done"
     eval_part = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
     loss_part = f", train loss {result.final_loss:.4f}" if result.final_loss is not None else ""
     typer.echo(f"{state}: {result.steps} steps in {result.wall_s:.1f}s{loss_part}{eval_part}, "
                f"{result.tokens_per_s:.0f} tokens/s, peak memory {result.peak_memory_bytes / 2**30:.2f} GiB "
                f"-> {result.run_dir}")
+    if result.interrupted:
+        raise typer.Exit(EXIT_STOPPED)
 
 
 @app.command()
@@ -314,7 +333,8 @@ def score(
 @app.command()
 @_friendly
 def serve(
-    runs: Annotated[list[str], typer.Argument(help="Run directories trained on the same base.")],
+    runs: Annotated[list[str], typer.Argument(help="Run directories trained on the same base, or one base "
+                                                   "model to serve alone.")],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     api_key: Annotated[Optional[str], typer.Option(envvar="TUNELAB_API_KEY",

@@ -23,7 +23,7 @@ import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidatorFunctionWrapHandler,
@@ -195,8 +195,9 @@ class TrainConfig(Section):
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs when set.")
     batch_size: int = Field(4, gt=0, description="Examples per micro-batch.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
-    lr: float = Field(2e-4, gt=0, description="Peak learning rate (ppo and grpo default to their method's "
-                                              "RL rate: 5e-4 for adapters, 1e-5 for full/freeze).")
+    lr: Union[Annotated[float, Field(gt=0)], Literal["auto"]] = Field(
+        "auto", description="Peak learning rate; auto = the method family's rate for this stage "
+                            "(tunelab.method_defaults; printed at train start, saved in the run's config.yaml).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     scheduler: Literal["linear", "cosine", "constant"] = Field(
         "cosine", description="Learning-rate decay after warmup.")
@@ -225,6 +226,17 @@ class TrainConfig(Section):
     report_to: list[TrackerName] = Field(
         default_factory=list, description="Experiment trackers that also get every logged metric (main process "
                                           "only): tensorboard, mlflow, wandb, trackio. Empty: nothing is sent.")
+
+    def set_auto_lr(self, lr: float) -> None:
+        """Replace ``lr: auto`` by the rate it resolves to. The number still counts as unset: a dump
+        of the set keys only re-resolves it (for another method), and :attr:`lr_is_auto` says so."""
+        self.lr = lr
+        self.model_fields_set.discard("lr")
+
+    @property
+    def lr_is_auto(self) -> bool:
+        """Whether ``lr`` came from ``auto`` rather than from a number in the config."""
+        return "lr" not in self.model_fields_set
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -311,23 +323,6 @@ class GRPOConfig(Section):
                                                      "sampling policy's log-probs are kept for the ratio.")
 
 
-#: ``train.lr`` of the RL stages when a run sets none (:meth:`RunConfig._rl_default_lr`).
-RL_STAGES: tuple[str, ...] = ("ppo", "grpo")
-RL_DEFAULT_LR = {"adapter": 5e-4, "base_weights": 1e-5}
-
-
-def rl_default_lr(method_type: str) -> float:
-    """The RL learning rate of a method type: adapters (LoRA family, prompts, bottlenecks) or base weights.
-
-    RL moves the policy on one sparse, noisy reward per answer, a weaker gradient than SFT's
-    per-token targets, so adapters need a larger step than the SFT default to change the
-    answers within tens of steps (PPO, LoRA r8, 40 steps: the reward fell at 5e-5 and rose
-    at 5e-4); methods that train the base weights move every parameter and take a far
-    smaller one.
-    """
-    return RL_DEFAULT_LR["base_weights" if registered_methods()[method_type].trains_base_weights else "adapter"]
-
-
 class RunConfig(Section):
     """One run: what to train (model, method), on what (data), how (train, pref, ppo), and where."""
 
@@ -360,10 +355,13 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _rl_default_lr(self) -> "RunConfig":
-        """An RL stage without ``train.lr`` gets its method's RL learning rate (:func:`rl_default_lr`)."""
-        if self.stage in RL_STAGES and "lr" not in self.train.model_fields_set:
-            self.train.lr = rl_default_lr(self.method.type)
+    def _resolve_auto_lr(self) -> "RunConfig":
+        """``train.lr: auto`` becomes the method family's rate for this stage (:mod:`tunelab.method_defaults`),
+        so every later reader (optimizer, config.yaml, trackers) sees a number."""
+        if self.train.lr == "auto":
+            from tunelab.method_defaults import default_lr  # builds on this module
+
+            self.train.set_auto_lr(default_lr(self.method.type, self.stage))
         return self
 
 
@@ -678,11 +676,3 @@ def load_saved_config(path: str | Path) -> RunConfig:
         tree["method"] = keep_applicable(section, section.get("type", DEFAULT_METHOD))
     return build_config(tree, source=str(path))
 
-
-def load_run_config(run_dir: str | Path) -> RunConfig:
-    """The resolved config saved in a run directory."""
-    file = Path(run_dir) / "config.yaml"
-    if not file.is_file():
-        raise ConfigError(f"{run_dir} is not a tunelab run directory: {file} is missing. Pass the output_dir "
-                          "of a finished `tunelab train` run.")
-    return load_saved_config(file)

@@ -3,17 +3,49 @@
 Every finished artefact (configs, metrics snapshots, checkpoints, predictions) is written
 to a temporary file in the same directory, fsynced, then renamed over the target.
 Directories (checkpoints) are written to a temporary sibling and renamed into place.
+Files that a library writes several at a time into a directory that holds other things
+(a tokenizer's files in a run directory) are written into a staging directory and then
+renamed into place one by one (:func:`atomic_files`).
+
+Every temporary is named ``.TARGET.<random>.tmp`` beside its target (and a directory being
+replaced is parked as ``.TARGET.old``), so a crash leaves only names that
+:func:`temporary_target` recognises: whoever owns the directory can clean them up without
+touching anything else.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]+\.tmp$")
+_PARKED = re.compile(r"^\.(?P<target>.+)\.old$")
+
+
+def temporary_target(name: str) -> tuple[str, bool] | None:
+    """``(target, parked)`` when ``name`` is a temporary this module (or a caller following its
+    naming, like ``.step-3.pruned.tmp``) creates for ``target``; None for any other name.
+
+    ``parked`` is true for ``.TARGET.old``: the previous copy of a directory that
+    :func:`atomic_dir` moved aside and would have deleted once the new one was in place.
+    """
+    for pattern, parked in ((_TEMPORARY, False), (_PARKED, True)):
+        match = pattern.match(name)
+        if match:
+            return match.group("target"), parked
+    return None
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -76,8 +108,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         for file in tmp.rglob("*"):
             if file.is_file():
-                with open(file, "rb") as handle:
-                    os.fsync(handle.fileno())
+                _fsync_file(file)
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old")
@@ -91,3 +122,32 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def atomic_files(directory: str | os.PathLike, staging: str) -> Iterator[Path]:
+    """Yield an empty staging directory; on success move each file in it into ``directory``.
+
+    For a writer that puts several files into a directory holding other things (a
+    tokenizer's ``save_pretrained`` into a run directory): each file is complete and
+    fsynced before one rename puts it in place, so at every instant each file of that name
+    is either the old complete one, absent, or the new complete one; never cut short. The
+    staging directory is ``directory/.STAGING.<random>.tmp``. The writer must write plain
+    files only (no subdirectories).
+    """
+    target = Path(directory)
+    target.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{staging}.", suffix=".tmp", dir=target))
+    try:
+        yield tmp
+        files = sorted(tmp.iterdir())
+        nested = [path.name for path in files if not path.is_file()]
+        if nested:
+            raise ValueError(f"atomic_files moves plain files only; the writer made {nested} in {tmp}")
+        for file in files:
+            _fsync_file(file)
+        for file in files:
+            os.replace(file, target / file.name)
+        _fsync_dir(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -20,6 +20,11 @@ invents one::
 ``status.json`` is what lets a reader that did not start the run (the web UI, a second
 shell) tell a live run from a dead one: a "running" status whose process is gone reads
 as "failed", so a run killed with SIGKILL or by a power cut never shows as running forever.
+
+Every file of a run is written atomically (``tunelab.io``), so a crash leaves complete
+files plus, at worst, temporaries named after their targets (``.adapter.<random>.tmp``,
+``checkpoints/.step-4.old``, ...): :meth:`RunDir.clean_temporaries` removes exactly
+those, for the targets named here, and nothing else.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -34,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.io import atomic_open, write_json
+from tunelab.io import atomic_open, temporary_target, write_json
 
 if TYPE_CHECKING:
     from tunelab.config import RunConfig
@@ -52,6 +58,11 @@ EVAL_DIR = "eval"
 #: Files ``tokenizer.save_pretrained(run_dir)`` may write; ``tokenizer_config.json`` always.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+#: The staging directory the tokenizer is saved into before its files are moved into the root.
+TOKENIZER_STAGING = "tokenizer"
+#: Names in a run's root that are written atomically, so may leave temporaries after a crash.
+_ATOMIC_TARGETS = frozenset({CONFIG_FILE, STATUS_FILE, METRICS_FILE, ADAPTER_DIR, MODEL_DIR, VALUE_HEAD_FILE,
+                             LOSS_PLOT_FILE, TOKENIZER_STAGING, *TOKENIZER_FILES})
 _CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
 
 RunState = Literal["running", "finished", "failed", "stopped"]
@@ -172,19 +183,70 @@ class RunDir:
         """What a run leaves that another run must not mix with: checkpoints and trained weights."""
         return [path for path in (self.checkpoints, self.adapter, self.model) if path.exists()]
 
+    def contents(self) -> list[Path]:
+        """What the directory holds, by name, besides tunelab's temporaries ([] when it does not exist)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(path for path in self.root.iterdir() if temporary_target(path.name) is None)
+
+    # -- leftovers of interrupted writes and replaced runs --------------------------------
+    def stale_temporaries(self) -> list[Path]:
+        """Temporaries that an interrupted atomic write of this run left: in the root, those of
+        the files named above; in ``checkpoints/``, those of ``step-N`` (written, replaced or
+        pruned). Anything else, a user's file included, is never listed."""
+        found = []
+        for folder, owned in ((self.root, _ATOMIC_TARGETS.__contains__),
+                              (self.checkpoints, lambda target: _CHECKPOINT_NAME.match(target) is not None)):
+            if folder.is_dir():
+                found += [path for path in folder.iterdir()
+                          if (temp := temporary_target(path.name)) is not None and owned(temp[0])]
+        return sorted(found)
+
+    def clean_temporaries(self) -> list[Path]:
+        """Remove :meth:`stale_temporaries` (call only while no process writes this run); return them.
+
+        A parked ``.NAME.old`` whose ``NAME`` is missing is the only copy left (the crash
+        came between moving the old copy aside and renaming the new one in): it is renamed
+        back instead of deleted.
+        """
+        cleaned = self.stale_temporaries()
+        for path in cleaned:
+            target, parked = temporary_target(path.name)
+            if parked and not (path.parent / target).exists():
+                os.replace(path, path.parent / target)
+            elif path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        return cleaned
+
+    def move_aside(self) -> Path:
+        """Rename the whole directory to ``NAME.replaced-<UTC time>`` beside it; return the new path.
+
+        What ``--overwrite`` does to a previous run: nothing of it is deleted, and nothing of
+        it (checkpoints above all) can mix with the new run's files.
+        """
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        target, n = self.root.with_name(f"{self.name}.replaced-{stamp}"), 1
+        while target.exists():
+            n += 1
+            target = self.root.with_name(f"{self.name}.replaced-{stamp}-{n}")
+        os.rename(self.root, target)
+        return target
+
     # -- config -------------------------------------------------------------------------
     def is_run(self) -> bool:
         """A run directory is one with a ``config.yaml`` (written before training starts)."""
         return self.config.is_file()
 
     def read_config(self) -> "RunConfig":
-        """The resolved config the run was started with."""
-        from tunelab.config import load_config
+        """The resolved config the run was started with (also one saved by an older tunelab)."""
+        from tunelab.config import load_saved_config
 
         if not self.is_run():
             raise ConfigError(f"{self.root} is not a tunelab run directory: {self.config} is missing. Pass the "
                               "output_dir of a `tunelab train` run.")
-        return load_config(self.config)
+        return load_saved_config(self.config)
 
     def write_config(self, cfg: "RunConfig") -> None:
         """Write the resolved config (atomically); a run does this once, when it starts."""

@@ -8,11 +8,16 @@ spec: ``ranking`` -> :class:`Preference`, a ``kto_tag`` column -> :class:`Unpair
   the answer; an optional ``system`` and ``history`` (``[[user, assistant], ...]``) come
   first. Preference rows give ``chosen``/``rejected`` (or ``output`` as ``[chosen, rejected]``).
 * sharegpt / openai: a list of turns (``from``/``value`` or ``role``/``content``, renamed
-  by ``spec.tags``). Tool use is folded into the two trainable roles: a function call is an
-  assistant turn and a tool result (observation / ``tool``) is a user turn, so that turns
-  still alternate user/assistant. A leading system turn wins over a ``system`` column.
-  Preference answers are strings or single message objects; KTO's completion is the last
-  assistant turn.
+  by ``spec.tags``). A leading system turn wins over a ``system`` column. Preference answers
+  are strings or single message objects; KTO's completion is the last assistant turn.
+* Tool use keeps its structure (rendered by :mod:`tunelab.data.templates`): a function call
+  turn (``function_tag``, its value the JSON of ``{"name", "arguments"}`` or a list of them) or
+  an assistant message with OpenAI ``tool_calls`` becomes an assistant message with
+  :class:`ToolCall` s, arguments parsed to a JSON object; an observation / ``tool`` turn
+  becomes a ``tool`` message, which must follow a call (or another result); the ``tools``
+  column (JSON text or a list of function definitions, bare or OpenAI-wrapped) becomes the
+  record's ``tools`` in OpenAI's ``{"type": "function", "function": {...}}`` form. Null members
+  of arguments and definitions count as absent (:func:`_without_nulls`).
 * text: one string column (``columns["prompt"]``, default ``text``).
 
 Every problem raises :class:`DataError` naming the file, the line or record, and the field,
@@ -22,10 +27,11 @@ counted in :class:`ConversionStats` instead.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal, NoReturn
 
-from tunelab.data.records import Conversation, Message, Preference, Record, Role, Text, Unpaired
+from tunelab.data.records import Conversation, Message, Preference, Record, Role, Text, Tool, ToolCall, Unpaired
 from tunelab.data.sources import DatasetSpec, RawRow, type_name
 from tunelab.errors import DataError
 
@@ -34,6 +40,9 @@ MAX_REASONS = 5
 
 _FIX_HINT = ("Fix the record, map the right column in the dataset's dataset_info.json entry, or set "
              "data.on_error=skip to drop bad records.")
+_TOOL_HINT = ('A function call is {"name": ..., "arguments": {...}} (or a list of them), as JSON text or an object; '
+              'a tool definition is {"name", "description", "parameters"} or {"type": "function", "function": '
+              '{...}}; a tool result (observation / tool turn) follows the call it answers. ' + _FIX_HINT)
 _TRUE = frozenset({"true", "1", "yes"})
 _FALSE = frozenset({"false", "0", "no"})
 
@@ -177,26 +186,26 @@ def _alpaca_pair(row: RawRow, spec: DatasetSpec) -> tuple[str, str]:
 
 def _alpaca(row: RawRow, spec: DatasetSpec, require_answer: bool) -> Record:
     prompt = _alpaca_prompt(row, spec)
+    tools = _tools(row, spec)
     if spec.ranking:
         chosen, rejected = _alpaca_pair(row, spec)
-        return Preference(prompt=prompt, chosen=chosen, rejected=rejected, origin=row.origin)
+        return Preference(prompt=prompt, chosen=chosen, rejected=rejected, origin=row.origin, tools=tools)
     response = spec.columns["response"]
     if not require_answer and not spec.kto and not str(row.data.get(response) or "").strip():
-        return Conversation(messages=prompt, origin=row.origin)
+        return Conversation(messages=prompt, origin=row.origin, tools=tools)
     answer = _string(row, response, _required(row, response, spec))
     if spec.kto:
-        return Unpaired(prompt=prompt, completion=answer, desirable=_flag(row, spec),
-                        origin=row.origin)
-    return Conversation(messages=prompt + [Message("assistant", answer)], origin=row.origin)
+        return Unpaired(prompt=prompt, completion=answer, desirable=_flag(row, spec), origin=row.origin, tools=tools)
+    return Conversation(messages=prompt + [Message("assistant", answer)], origin=row.origin, tools=tools)
 
 
 # --------------------------------------------------------------------------- sharegpt / openai
 
 
 def _roles(spec: DatasetSpec) -> dict[str, Role]:
-    """Role value in the file -> canonical role (tool traffic folded into user/assistant)."""
+    """Role value in the file -> canonical role (a function call turn is an assistant turn)."""
     t = spec.tags
-    return {t["user_tag"]: "user", t["observation_tag"]: "user", t["assistant_tag"]: "assistant",
+    return {t["user_tag"]: "user", t["observation_tag"]: "tool", t["assistant_tag"]: "assistant",
             t["function_tag"]: "assistant", t["system_tag"]: "system"}
 
 
@@ -208,30 +217,135 @@ def _content(row: RawRow, where: str, value: Any, *, allow_empty: bool = False) 
 
 
 def _turn(row: RawRow, spec: DatasetSpec, where: str, turn: Any) -> Message:
+    t = spec.tags
     if not isinstance(turn, dict):
         _fail(row, where, f"the turn is a {type_name(turn)}; expected an object with "
-                          f"'{spec.tags['role_tag']}' and '{spec.tags['content_tag']}'.")
+                          f"'{t['role_tag']}' and '{t['content_tag']}'.")
     roles = _roles(spec)
-    raw_role = turn.get(spec.tags["role_tag"])
+    raw_role = turn.get(t["role_tag"])
     if raw_role not in roles:
-        _fail(row, where, f"unknown role {raw_role!r} (key '{spec.tags['role_tag']}'); expected one of "
+        _fail(row, where, f"unknown role {raw_role!r} (key '{t['role_tag']}'); expected one of "
                           f"{', '.join(repr(r) for r in roles)}.",
-              hint="Set the dataset's \"tags\" (role_tag, user_tag, assistant_tag, ...) in dataset_info.json "
-                   "to match the file.")
+              hint="Set the dataset's \"tags\" (role_tag, user_tag, assistant_tag, observation_tag, function_tag, "
+                   "...) in dataset_info.json to match the file.")
+    value = turn.get(t["content_tag"])
+    if raw_role == t["function_tag"]:
+        return Message("assistant", "", _calls(row, f"{where}.{t['content_tag']}", value))
     role = roles[raw_role]
-    content = _content(row, where, turn.get(spec.tags["content_tag"]), allow_empty=role == "system")
-    return Message(role, content)
+    calls: tuple[ToolCall, ...] = ()
+    if role == "assistant" and turn.get("tool_calls"):  # OpenAI: the text may then be null or empty
+        calls = _calls(row, f"{where}.tool_calls", turn["tool_calls"])
+        value = "" if value is None else value
+    return Message(role, _content(row, where, value, allow_empty=role == "system" or bool(calls)), calls)
+
+
+def _parsed(row: RawRow, where: str, value: Any, what: str) -> Any:
+    """``value``, or the JSON it holds when it is a string (files store calls and tools either way)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError as err:
+        _fail(row, where, f"{what} is not valid JSON ({err}): {value[:80]!r}.", hint=_TOOL_HINT)
+
+
+def _without_nulls(value: Any) -> Any:
+    """``value`` with every null member of an object dropped, at any depth.
+
+    Arrow-typed files (parquet, arrow, hub datasets) give every object in a column every key seen
+    in that column, null where a record had none, so a null member cannot be told from a missing
+    one; treating both as missing makes a record render the same from any file type.
+    """
+    if isinstance(value, dict):
+        return {key: _without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_without_nulls(item) for item in value]
+    return value
+
+
+def _calls(row: RawRow, where: str, value: Any) -> tuple[ToolCall, ...]:
+    """One function call or a list of them (parallel calls)."""
+    value = _parsed(row, where, value, "the function call")
+    if isinstance(value, list):
+        if not value:
+            _fail(row, where, "the list of function calls is empty.", hint=_TOOL_HINT)
+        return tuple(_call(row, f"{where}[{i}]", item) for i, item in enumerate(value))
+    return (_call(row, where, value),)
+
+
+def _call(row: RawRow, where: str, value: Any) -> ToolCall:
+    """``{"name", "arguments"}``, or OpenAI's ``{"type": "function", "function": {...}}``; arguments are an
+    object or the JSON text of one (OpenAI's layout); Llama's ``parameters`` is read as arguments."""
+    if isinstance(value, dict) and isinstance(value.get("function"), dict):
+        value, where = value["function"], f"{where}.function"
+    if not isinstance(value, dict):
+        _fail(row, where, f"the function call is a {type_name(value)}; expected an object.", hint=_TOOL_HINT)
+    name = value.get("name")
+    if not isinstance(name, str) or not name.strip():
+        _fail(row, f"{where}.name", "the function call has no name (a non-empty string).", hint=_TOOL_HINT)
+    key = "arguments" if "arguments" in value or "parameters" not in value else "parameters"
+    arguments = _parsed(row, f"{where}.{key}", value.get(key, {}), "the arguments")
+    if not isinstance(arguments, dict):
+        _fail(row, f"{where}.{key}", f"the arguments are a {type_name(arguments)}; expected a JSON object of "
+                                     "named arguments.", hint=_TOOL_HINT)
+    return ToolCall(name, _without_nulls(arguments))
+
+
+def _tools(row: RawRow, spec: DatasetSpec) -> list[Tool]:
+    """The ``tools`` column: JSON text or a list of definitions (one object counts as a list of one)."""
+    column = spec.columns.get("tools")
+    value = _parsed(row, column or "", row.data.get(column) if column else None, "the tools")
+    if value is None or value == "":
+        return []
+    items = [value] if isinstance(value, dict) else value
+    if not isinstance(items, list):
+        _fail(row, column or "", f"the tools are a {type_name(value)}; expected a list of function definitions.",
+              hint=_TOOL_HINT)
+    return [_tool(row, f"{column}[{i}]", item) for i, item in enumerate(items)]
+
+
+def _tool(row: RawRow, where: str, value: Any) -> Tool:
+    """A definition in OpenAI's wrapped form, which is what chat templates iterate over."""
+    function = value.get("function") if isinstance(value, dict) and value.get("type") == "function" else value
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"].strip():
+        _fail(row, where, "the tool definition has no name; expected an object with a 'name' (and 'description', "
+                          "'parameters').", hint=_TOOL_HINT)
+    return {"type": "function", "function": _without_nulls(function)}
+
+
+def _allowed_next(previous: Message | None) -> tuple[Role, ...]:
+    """The roles that may follow ``previous`` (None: the first turn after an optional system turn)."""
+    if previous is None or (previous.role == "assistant" and not previous.tool_calls):
+        return ("user",)
+    if previous.role == "user":
+        return ("assistant",)
+    if previous.role == "assistant":
+        return ("tool",)  # the results of its calls
+    return ("tool", "assistant")
+
+
+def _order_problem(message: Message, previous: Message | None, allowed: tuple[Role, ...]) -> str:
+    if message.role == "tool":
+        return ("a tool result (observation) that follows no function call; it must come right after the "
+                "assistant turn (function call) whose call it answers, or after another result.")
+    if allowed == ("tool",):
+        return (f"found a {message.role!r} turn right after a function call; the call's result (an observation "
+                "/ tool turn) must come next.")
+    expected = " or ".join(repr(role) for role in allowed)
+    return (f"found a {message.role!r} turn where {expected} was expected; turns must be an optional system "
+            "turn, then alternate user/assistant starting with user (an assistant turn that calls functions "
+            "is followed by their results, then the assistant continues).")
 
 
 def _check_order(row: RawRow, column: str, turns: list[tuple[str, Message]]) -> None:
-    """After an optional leading system turn: user, assistant, user, ..."""
+    """After an optional leading system turn: user, assistant, user, ..., with tool results after calls."""
     start = 1 if turns and turns[0][1].role == "system" else 0
-    for position, (where, message) in enumerate(turns[start:]):
-        expected = "user" if position % 2 == 0 else "assistant"
-        if message.role != expected:
-            _fail(row, where, f"found a {message.role!r} turn where {expected!r} was expected; turns must be an "
-                              "optional system turn, then alternate user/assistant starting with user "
-                              "(function calls count as assistant, tool results as user).")
+    previous: Message | None = None
+    for where, message in turns[start:]:
+        allowed = _allowed_next(previous)
+        if message.role not in allowed:
+            _fail(row, where, _order_problem(message, previous, allowed))
+        previous = message
     if len(turns) == start:
         _fail(row, column, "the conversation has no user turn.")
 
@@ -251,6 +365,14 @@ def _chat_turns(row: RawRow, spec: DatasetSpec) -> list[Message]:
     return [message for _, message in turns if message.role != "system" or message.content.strip()]
 
 
+def _text_answer(row: RawRow, where: str, message: Message, what: str) -> str:
+    """A preference or KTO answer is text: those objectives compare answers, not function calls."""
+    if message.tool_calls:
+        _fail(row, where, f"the {what} calls functions; preference and KTO answers must be text (tool-call "
+                          "answers train with stage sft).", hint="Use this record for sft, or drop it.")
+    return message.content
+
+
 def _answer(row: RawRow, spec: DatasetSpec, key: str) -> str:
     """A preference answer: a string, or one assistant message object (LLaMA-Factory's layout)."""
     column = spec.columns[key]
@@ -259,27 +381,30 @@ def _answer(row: RawRow, spec: DatasetSpec, key: str) -> str:
         message = _turn(row, spec, column, value)
         if message.role != "assistant":
             _fail(row, column, f"the {key} answer has role '{message.role}'; it must be an assistant message.")
-        return message.content
+        return _text_answer(row, column, message, f"{key} answer")
     return _content(row, column, value)
 
 
 def _chat(row: RawRow, spec: DatasetSpec, require_answer: bool) -> Record:
     messages = _chat_turns(row, spec)
+    tools = _tools(row, spec)
     column = spec.columns["messages"]
     last = messages[-1].role
     if spec.ranking:
-        if last != "user":
+        if last == "assistant":
             _fail(row, column, "the prompt ends with an assistant turn; a preference prompt must end with a "
-                               "user turn, and the answers go in the chosen/rejected fields.")
+                               "user turn (or a tool result), and the answers go in the chosen/rejected fields.")
         return Preference(prompt=messages, chosen=_answer(row, spec, "chosen"),
-                          rejected=_answer(row, spec, "rejected"), origin=row.origin)
+                          rejected=_answer(row, spec, "rejected"), origin=row.origin, tools=tools)
     if last != "assistant" and (require_answer or spec.kto):
-        _fail(row, column, "the conversation ends with a user turn; it must end with the assistant answer "
-                           "to train on.", hint="Remove the trailing user turn or add the answer.")
+        ending = "a tool result" if last == "tool" else f"a {last} turn"
+        _fail(row, column, f"the conversation ends with {ending}; it must end with the assistant answer "
+                           "to train on.", hint="Remove the trailing turn or add the answer.")
     if spec.kto:
-        return Unpaired(prompt=messages[:-1], completion=messages[-1].content,
-                        desirable=_flag(row, spec), origin=row.origin)
-    return Conversation(messages=messages, origin=row.origin)
+        completion = _text_answer(row, f"{column}[{len(messages) - 1}]", messages[-1], "last assistant turn")
+        return Unpaired(prompt=messages[:-1], completion=completion, desirable=_flag(row, spec),
+                        origin=row.origin, tools=tools)
+    return Conversation(messages=messages, origin=row.origin, tools=tools)
 
 
 # --------------------------------------------------------------------------- text

@@ -10,14 +10,10 @@ user asked for (a registry entry, a name in data.train) and phrases the error ar
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from tunelab.errors import DataError
-
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
 
 @dataclass(frozen=True)
 class HubSource:
@@ -41,13 +37,6 @@ class HubUnavailable(DataError):
     def __init__(self, source: HubSource, reason: str):
         self.reason = reason
         super().__init__(f"the Hugging Face Hub dataset '{source.repo}' cannot be loaded: {reason}")
-
-
-def looks_like_repo(name: str) -> bool:
-    """``org/name`` (not a path to a file of a supported type: that is a missing local file)."""
-    from tunelab.data.sources import SUPPORTED_SUFFIXES
-
-    return bool(_REPO_ID.fullmatch(name)) and not name.lower().endswith(SUPPORTED_SUFFIXES)
 
 
 def quiet_datasets() -> Any:

@@ -7,25 +7,44 @@ input format is one converter, and every stage reads the same types.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 #: The label of a position that takes no loss (the value torch's cross-entropy ignores by default).
 IGNORE_INDEX = -100
+#: A tool definition as chat templates take it (``apply_chat_template(tools=...)``):
+#: ``{"type": "function", "function": {"name", "description", "parameters"}}``.
+Tool = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One function call an assistant turn makes. ``arguments`` is a parsed JSON object, not JSON
+    text, because chat templates serialise it themselves (each in its own way)."""
+
+    name: str
+    arguments: dict[str, Any]
 
 
 @dataclass(frozen=True)
 class Message:
+    """One turn. An assistant turn may carry ``tool_calls`` (its ``content`` may then be empty);
+    a ``tool`` turn holds a tool's result, answering the calls of the assistant turn before it."""
+
     role: Role
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass
 class Conversation:
-    """A chat: optional system message first, then alternating user/assistant turns."""
+    """A chat: optional system message first, then user/assistant turns; an assistant turn that calls
+    tools is followed by the tools' results (``tool`` turns) before the assistant continues.
+    ``tools`` are the definitions the model was offered (rendered by the chat template)."""
 
     messages: list[Message]
     origin: str = ""  # "file:line" or "file#record", for error messages
+    tools: list[Tool] = field(default_factory=list)
 
 
 @dataclass
@@ -36,6 +55,7 @@ class Preference:
     chosen: str
     rejected: str
     origin: str = ""
+    tools: list[Tool] = field(default_factory=list)
 
 
 @dataclass
@@ -46,6 +66,7 @@ class Unpaired:
     completion: str
     desirable: bool
     origin: str = ""
+    tools: list[Tool] = field(default_factory=list)
 
 
 @dataclass

@@ -18,11 +18,12 @@ from __future__ import annotations
 import csv
 import difflib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, get_args
 
-from tunelab.data.hub import HubSource, HubUnavailable, hub_dataset, looks_like_repo
+from tunelab.data.hub import HubSource, HubUnavailable, hub_dataset, quiet_datasets
 from tunelab.errors import DataError
 
 Formatting = Literal["alpaca", "sharegpt", "openai", "text"]
@@ -262,6 +263,39 @@ def read_rows(path: str | Path) -> Iterator[RawRow]:
         yield from _read_file(file)
 
 
+def typed_rows(batch: dict[str, list], indices: Iterable[int], file: str) -> list[RawRow]:
+    """Rows of a batch of typed Arrow records (parquet, arrow, a saved or hub dataset); a field that is
+    null here is left out, as if the record had no such field (Arrow gives every record every column)."""
+    keys = list(batch)
+    return [RawRow({key: value for key, value in zip(keys, values) if value is not None}, file, None, index)
+            for values, index in zip(zip(*(batch[key] for key in keys)), indices)]
+
+
+def dataset_rows(table: Any, label: str, batch_size: int = 1000) -> Iterator[RawRow]:
+    """The rows of a ``datasets.Dataset`` of typed records, in order."""
+    start = 0
+    for batch in table.iter(batch_size=batch_size):
+        count = len(next(iter(batch.values()), []))
+        yield from typed_rows(batch, range(start, start + count), label)
+        start += count
+
+
+def saved_dataset(path: Path, split: str) -> Any:
+    """A directory written by ``save_to_disk``; for a DatasetDict, its ``split``."""
+    datasets = quiet_datasets()
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:  # datasets raises many types for a damaged directory
+        raise DataError(f"cannot read the saved dataset: {type(err).__name__}: {err}", file=str(path),
+                        hint="Save it again with datasets' save_to_disk.") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"the saved dataset has no split '{split}' (it has {', '.join(loaded)}).",
+                            file=str(path), hint='Set "split" in its dataset_info.json entry.')
+        loaded = loaded[split]
+    return loaded
+
+
 # --------------------------------------------------------------------------- dataset specs
 
 COLUMN_KEYS: tuple[str, ...] = ("prompt", "query", "response", "history", "messages", "system", "tools",
@@ -339,8 +373,6 @@ class DatasetSpec:
 
     def rows(self) -> Iterator[RawRow]:
         """All rows of all files (or of the hub split), in order."""
-        from tunelab.data.tables import dataset_rows, saved_dataset  # datasets is imported only when needed
-
         if self.hub is not None:
             yield from dataset_rows(hub_dataset(self.hub), self.hub.label)
         for file in self.files:
@@ -414,6 +446,14 @@ def _detected(spec: DatasetSpec, first: RawRow | None, where: str) -> DatasetSpe
 
 
 # --------------------------------------------------------------------------- the registry
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def looks_like_repo(name: str) -> bool:
+    """``org/name`` (not a path to a file of a supported type: that is a missing local file)."""
+    return bool(_REPO_ID.fullmatch(name)) and not name.lower().endswith(SUPPORTED_SUFFIXES)
+
 
 _HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url")
 

@@ -33,11 +33,10 @@ from typing import Any, Literal
 
 from tunelab.data.hub import HubSource, hub_dataset, hub_iterable, quiet_datasets
 from tunelab.data.sources import (DatasetSpec, RawRow, as_row, dataset_files, is_saved_dataset, parse_json_line,
-                                  read_rows)
+                                  read_rows, saved_dataset, typed_rows)
 from tunelab.errors import DataError
 
 RowKind = Literal["json_lines", "text_lines", "table", "json_rows"]
-_BATCH = 1000
 _csv_lines: dict[str, list[int | None]] = {}  # per process: csv file -> start line of every row
 
 
@@ -65,9 +64,7 @@ class RowFormat:
         if self.kind == "json_rows":
             return [as_row(json.loads(text), self.file, line, i)
                     for text, line, i in zip(batch["json"], batch["line"], indices)]
-        keys = list(batch)
-        return [RawRow({key: value for key, value in zip(keys, values) if value is not None}, self.file, None, i)
-                for values, i in zip(zip(*(batch[key] for key in keys)), indices)]
+        return list(typed_rows(batch, indices, self.file))
 
     def line_of(self, index: int) -> int | None:
         """The line a row starts on, where the table does not record it (csv); else None."""
@@ -144,32 +141,6 @@ def sources_of(spec: DatasetSpec) -> list[Source]:
         files = [path] if is_saved_dataset(path) else dataset_files(path)
         sources += [Source(path=file, split=spec.split) for file in files]
     return sources
-
-
-def saved_dataset(path: Path, split: str) -> Any:
-    """A directory written by ``save_to_disk``; for a DatasetDict, its ``split``."""
-    datasets = quiet_datasets()
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except Exception as err:
-        raise DataError(f"cannot read the saved dataset: {type(err).__name__}: {err}", file=str(path),
-                        hint="Save it again with datasets' save_to_disk.") from None
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise DataError(f"the saved dataset has no split '{split}' (it has {', '.join(loaded)}).",
-                            file=str(path), hint='Set "split" in its dataset_info.json entry.')
-        loaded = loaded[split]
-    return loaded
-
-
-def dataset_rows(table: Any, label: str) -> Iterator[RawRow]:
-    """The rows of a ``datasets.Dataset`` of typed records, in order."""
-    row_format = RowFormat("table", label)
-    start = 0
-    for batch in table.iter(batch_size=_BATCH):
-        count = len(next(iter(batch.values()), []))
-        yield from (row for row in row_format.decode(batch, range(start, start + count)) if row is not None)
-        start += count
 
 
 def file_damage(path: Path) -> DataError | None:

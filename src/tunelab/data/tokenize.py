@@ -11,7 +11,10 @@ boundaries exact, and the prompt run before an answer is exactly the text an inf
 prompt renders to, so a training prompt tokenizes as the same ids the model is later
 prompted with; the answer run is tokenized from its start, as the model generates it. With
 ChatML-like templates every run boundary sits at a special token or a newline, where byte-level
-BPE never merges, so the ids also equal tokenizing the whole rendering (tested).
+BPE never merges, so the ids also equal tokenizing the whole rendering (tested). Tool use follows
+from the same segments: an assistant turn that calls tools is supervised like any answer, and tool
+results, like user turns, are not (:mod:`tunelab.data.templates` renders both, natively or in its
+fallback format).
 
 Truncation keeps the start and cuts the end; an example that lost supervised tokens is marked
 ``truncated``, one left with none is dropped, and :class:`TokenizeStats` counts both for the
@@ -27,7 +30,7 @@ from typing import Any, Union
 
 from tunelab.data.records import IGNORE_INDEX as IGNORE
 from tunelab.data.records import (Conversation, Example, Message, PairExample, Preference, PromptExample, Record,
-                                  Text, Unpaired, UnpairedExample)
+                                  Text, Tool, Unpaired, UnpairedExample)
 from tunelab.data.templates import ChatTemplate, Segment
 from tunelab.errors import ConfigError, DataError, TunelabError
 
@@ -105,7 +108,7 @@ def encode_conversation(conv: Conversation, template: ChatTemplate, tokenizer: A
     everything with ``train_on_prompt``). Trailing unsupervised tokens (the separator after the last
     end-of-turn) are dropped: nothing after them is predicted, so they would only cost compute."""
     with _at(conv.origin):
-        pieces = template.segments(conv.messages)
+        pieces = template.segments(conv.messages, conv.tools)
     if mask_history:
         pieces = _only_last_answer(pieces)
     runs = _runs(pieces)
@@ -120,8 +123,8 @@ def encode_conversation(conv: Conversation, template: ChatTemplate, tokenizer: A
     return _finish(ids, labels, max_length)
 
 
-def _answered(prompt: list[Message], answer: str, origin: str) -> Conversation:
-    return Conversation([*prompt, Message("assistant", answer)], origin)
+def _answered(record: Preference | Unpaired, answer: str) -> Conversation:
+    return Conversation([*record.prompt, Message("assistant", answer)], record.origin, record.tools)
 
 
 def encode_preference(pref: Preference, template: ChatTemplate, tokenizer: Any, max_length: int) -> PairExample:
@@ -130,21 +133,22 @@ def encode_preference(pref: Preference, template: ChatTemplate, tokenizer: Any, 
     Both sequences start with the same prompt ids (the prompt run is tokenized identically), which
     pairwise objectives rely on."""
     def encode(answer: str) -> Example:
-        return encode_conversation(_answered(pref.prompt, answer, pref.origin), template, tokenizer, max_length,
-                                   mask_history=True)
+        return encode_conversation(_answered(pref, answer), template, tokenizer, max_length, mask_history=True)
     return PairExample(encode(pref.chosen), encode(pref.rejected))
 
 
 def encode_unpaired(record: Unpaired, template: ChatTemplate, tokenizer: Any, max_length: int) -> UnpairedExample:
     """KTO: one prompt + answer (answer supervised) and whether the answer is desirable."""
-    conv = _answered(record.prompt, record.completion, record.origin)
+    conv = _answered(record, record.completion)
     return UnpairedExample(encode_conversation(conv, template, tokenizer, max_length, mask_history=True),
                            record.desirable)
 
 
-def encode_prompt(messages: list[Message], template: ChatTemplate, tokenizer: Any) -> PromptExample:
+def encode_prompt(messages: list[Message], template: ChatTemplate, tokenizer: Any,
+                  tools: list[Tool] | None = None) -> PromptExample:
     """PPO: the prompt rendered exactly as for inference (ending with the generation prompt)."""
-    return PromptExample(_ids(tokenizer, template.render(messages, add_generation_prompt=True)), list(messages))
+    return PromptExample(_ids(tokenizer, template.render(messages, add_generation_prompt=True, tools=tools)),
+                         list(messages))
 
 
 def encode_texts(texts: Sequence[str], tokenizer: Any, block_size: int, separate_documents: bool) -> list[Example]:
@@ -279,4 +283,4 @@ def _record_encoder(stage: str, template: ChatTemplate, tokenizer: Any, max_leng
 
 def _encode_prompt_record(record: Record, template: ChatTemplate, tokenizer: Any) -> PromptExample:
     with _at(record.origin):
-        return encode_prompt(_prompt_of(record), template, tokenizer)
+        return encode_prompt(_prompt_of(record), template, tokenizer, record.tools)  # type: ignore[union-attr]

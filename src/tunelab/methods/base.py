@@ -26,6 +26,7 @@ from torch import nn
 
 from tunelab.config import MethodConfig, registered_methods
 from tunelab.errors import ConfigError
+from tunelab.runs import ADAPTER_DIR
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -52,7 +53,7 @@ class Method:
     #: frozen base is loaded in the autocast dtype (see ``models.loader.training_dtype``).
     trains_base_weights: bool = False
     #: Where :meth:`save` writes inside the run directory.
-    save_subdir: str = "adapter"
+    save_subdir: str = ADAPTER_DIR
 
     def __init__(self, cfg: "MethodConfig"):
         self.cfg = cfg

@@ -35,7 +35,7 @@ from tunelab.methods.bottleneck_layout import DecoderLayout, attach, find_attach
 from tunelab.methods.bottleneck_modules import AdapterSet
 from tunelab.methods.bottleneck_spec import (FUSABLE, SPEC_FILE, WEIGHTS_FILE, AdapterSpec, SavedAdapter, build_spec,
                                              read_saved, unit_from_config)
-from tunelab.methods.prompts import PrefixConfig, init_prefix_from_text
+from tunelab.methods.prompts import PrefixConfig, start_virtual_tokens
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -61,7 +61,10 @@ class BottleneckConfig(AdapterDropConfig):
 
 
 class MixAndMatchConfig(BottleneckConfig, PrefixConfig):
-    """MAM: a parallel adapter plus a prefix."""
+    """MAM: a parallel adapter plus a prefix (a table by default: He et al. 2022 keep it small)."""
+
+    prefix_projection: bool = Field(False, description="Produce the prefix through an MLP (prefix-tuning's "
+                                                       "reparameterisation); false = train the table directly.")
 
 
 class FusionConfig(AdapterDropConfig):
@@ -183,10 +186,11 @@ def _refuse_mismatch(path: Path, have: dict[str, Any], want: dict[str, Any]) -> 
 @register("mam")
 class MixAndMatch(BottleneckAdapter):
     """MAM adapter (He et al. 2022): PEFT prefix-tuning on attention plus a native parallel
-    adapter beside the MLP. The prefix starts random (PEFT's) or at the base's key/values of
-    ``method.prompt_init_text``, so unlike the other types a fresh MAM model equals the
-    prefix-only model, not the bare base. The hooks sit on the base model inside the PEFT
-    wrapper, so both parts run in every forward."""
+    adapter beside the MLP. The prefix starts at the base's key/values of
+    ``method.prompt_init_text`` (a neutral text by default; null: PEFT's random table), so
+    unlike the other types a fresh MAM model equals the prefix-only model, not the bare
+    base. The hooks sit on the base model inside the PEFT wrapper, so both parts run in
+    every forward."""
 
     config_class = MixAndMatchConfig
     cfg: MixAndMatchConfig
@@ -197,7 +201,7 @@ class MixAndMatch(BottleneckAdapter):
         """The fresh or continued adapters; a fresh prefix may start from ``prompt_init_text``."""
         wrapped = super().apply(model, tokenizer)
         if self.cfg.init_from is None:
-            init_prefix_from_text(wrapped, tokenizer, self.cfg)
+            start_virtual_tokens(wrapped, tokenizer, self.cfg)
         return wrapped
 
     def _extra_structure(self, saved_config: dict[str, Any]) -> dict[str, Any]:

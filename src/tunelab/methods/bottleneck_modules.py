@@ -100,14 +100,15 @@ class AdapterSet(nn.Module):
 
     # -- what the hooks call ----------------------------------------------------------
     def active(self, layer: int, training: bool) -> bool:
+        """Whether the adapters of ``layer`` run now (enabled, and not dropped)."""
+        return self.enabled and not self.dropped(layer, training)
+
+    def dropped(self, layer: int, training: bool) -> bool:
         """AdapterDrop (Rücklé et al. 2021): adapters of the first ``drop_layers`` layers are
         skipped at train time, inference time, or both, as ``drop_at`` says."""
-        if not self.enabled:
-            return False
         if layer >= self.spec.drop_layers:
-            return True
-        dropped_now = {"both": True, "train": training, "inference": not training}[self.spec.drop_at]
-        return not dropped_now
+            return False
+        return {"both": True, "train": training, "inference": not training}[self.spec.drop_at]
 
     def adapt(self, layer: int, kind: str, sub_input: torch.Tensor, sub_output: torch.Tensor) -> torch.Tensor:
         """The new output of sublayer ``kind`` of ``layer`` given its input and output."""
@@ -131,10 +132,16 @@ class AdapterSet(nn.Module):
     # -- state ------------------------------------------------------------------------
     def set_trainable(self, trainable: bool) -> None:
         """Plain adapters train themselves; a fusion trains only its attention (the fused
-        adapters stay frozen, as in AdapterFusion's second stage)."""
+        adapters stay frozen, as in AdapterFusion's second stage). Sites that AdapterDrop skips
+        while training never get a gradient, so they stay frozen too: no optimizer state, and
+        the trainable-parameter count is what actually trains."""
         self.units.requires_grad_(trainable and self.fusion is None)
         if self.fusion is not None:
             self.fusion.requires_grad_(trainable)
+        for layer in range(self.spec.num_layers):
+            if self.dropped(layer, training=True):
+                for sites in (*self.units.values(), *([self.fusion] if self.fusion is not None else [])):
+                    sites[str(layer)].requires_grad_(False)
 
     def load_weights(self, weights: dict[str, torch.Tensor], where: str, partial: bool = False) -> None:
         """Load saved tensors; ``partial`` allows parameters absent from ``weights`` (a fresh

@@ -16,6 +16,7 @@ from tunelab.errors import ConfigError
 from tunelab.io import atomic_dir
 from tunelab.methods.base import Method, register
 from tunelab.models.loader import damaged_weights
+from tunelab.runs import MODEL_DIR
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -36,7 +37,7 @@ class Full(Method):
 
     mergeable = True
     trains_base_weights = True
-    save_subdir = "model"
+    save_subdir = MODEL_DIR
 
     def select_trainable(self, model: nn.Module) -> None:
         """Set ``requires_grad`` for training; full fine-tuning trains everything."""

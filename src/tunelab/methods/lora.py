@@ -73,9 +73,12 @@ class AdaLoraMethodConfig(LoraFamilyConfig):
 
     init_r: int = Field(12, gt=0, description="Rank every matrix starts with.")
     target_r: int = Field(8, gt=0, description="Average rank left after pruning.")
-    tinit: int = Field(0, ge=0, description="Steps of full rank before pruning starts.")
-    tfinal: int = Field(0, ge=0, description="Steps at the final budget at the end of the run.")
-    deltaT: int = Field(1, gt=0, description="Steps between two rank reallocations.")
+    tinit: int | None = Field(None, ge=0, description="Steps of full rank before pruning starts; null = 10% of "
+                                                          "the run's optimizer steps.")
+    tfinal: int | None = Field(None, ge=0, description="Steps at the final budget at the end of the run; null = "
+                                                           "20% of the run's optimizer steps.")
+    deltaT: int | None = Field(None, gt=0, description="Steps between two rank reallocations; null = a tenth of "
+                                                           "the steps between tinit and tfinal (at least 1).")
 
 
 class IA3MethodConfig(TargetModulesConfig):
@@ -342,16 +345,27 @@ class AdaLora(PeftMethod):
                              modules_to_save=cfg.modules_to_save or None, **self.schedule())
 
     def schedule(self) -> dict[str, int]:
-        """This run's rank-budget schedule, checked to leave room for allocation."""
-        cfg = self.cfg
-        if self.total_steps is None:
+        """This run's rank-budget schedule, checked to leave room for allocation.
+
+        Unset phases scale with the run (Zhang et al. 2023 set them per task, in steps): full
+        rank for the first 10% of the steps, because the importance scores are moving averages
+        of gradient x weight and mean nothing before a few updates; the final budget frozen for
+        the last 20%, so the ranks kept get trained after the last pruning; about ten
+        reallocations in between. Fixed step counts (PEFT's tinit=tfinal=0, deltaT=1) prune
+        from the first step on noise in short runs and leave long ones a single phase.
+        """
+        cfg, total = self.cfg, self.total_steps
+        if total is None:
             raise ConfigError("method.type 'adalora' needs the number of optimizer steps of the run before the "
                               "adapter is created: call configure_schedule(total_steps) before apply().")
-        if not cfg.tinit < self.total_steps - cfg.tfinal:
-            raise ConfigError(f"AdaLoRA: method.tinit ({cfg.tinit}) + method.tfinal ({cfg.tfinal}) leave no steps "
-                              f"for rank allocation in a run of {self.total_steps} optimizer steps. Lower tinit/"
-                              "tfinal or train for more steps.")
-        return {"tinit": cfg.tinit, "tfinal": cfg.tfinal, "deltaT": cfg.deltaT, "total_step": self.total_steps}
+        tinit = cfg.tinit if cfg.tinit is not None else total // 10
+        tfinal = cfg.tfinal if cfg.tfinal is not None else total // 5
+        if not tinit < total - tfinal:
+            raise ConfigError(f"AdaLoRA: method.tinit ({tinit}) + method.tfinal ({tfinal}) leave no steps for rank "
+                              f"allocation in a run of {total} optimizer steps. Lower tinit/tfinal (or leave them "
+                              "unset to scale with the run) or train for more steps.")
+        delta = cfg.deltaT if cfg.deltaT is not None else max(1, (total - tfinal - tinit) // 10)
+        return {"tinit": tinit, "tfinal": tfinal, "deltaT": delta, "total_step": total}
 
     def load_trainable(self, base: "PreTrainedModel", path: Path) -> nn.Module:
         """Continue an AdaLoRA adapter (ranks as saved) under this run's budget schedule."""

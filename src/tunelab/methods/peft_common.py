@@ -23,6 +23,7 @@ from torch import nn
 from tunelab.errors import ConfigError
 from tunelab.io import atomic_dir
 from tunelab.methods.base import Method
+from tunelab.runs import RunDir
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
@@ -39,7 +40,7 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 
 def adapter_dir(run_dir: str | Path) -> Path:
     """Where a run keeps its adapter."""
-    return Path(run_dir) / "adapter"
+    return RunDir(run_dir).adapter
 
 
 def require_adapter(run_dir: str | Path, purpose: str) -> Path:

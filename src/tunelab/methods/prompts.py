@@ -3,14 +3,23 @@
 These methods learn *virtual tokens*, not changes to the base weights:
 
 - ``prompt``     (Lester et al., 2021) trainable input embeddings prepended to every
-  sequence; random, or initialised from the embeddings of ``prompt_init_text``;
+  sequence;
 - ``ptuning``    (Liu et al., 2021, "GPT understands, too") input embeddings produced by a
   small MLP or LSTM prompt encoder (``encoder_type``);
 - ``prefix``     (Li & Liang, 2021) trainable key/value prefixes in every attention layer,
-  optionally reparameterised through an MLP (``prefix_projection``, ``encoder_hidden_size``);
+  reparameterised through an MLP as in the paper (``prefix_projection``, on by default;
+  ``encoder_hidden_size``);
 - ``ptuning_v2`` (Liu et al., 2022) "deep prompt tuning": the same per-layer key/value
   prefixes, trained directly. In PEFT terms that is prefix-tuning *without*
   reparameterisation, so it maps onto ``PrefixTuningConfig(prefix_projection=False)``.
+
+Every one of them starts at the base model's own representation of a text,
+``prompt_init_text`` (default :data:`NEUTRAL_INIT_TEXT`): the text's token embeddings
+(prompt, P-tuning) or the base's keys and values of it in every layer (prefix, P-tuning v2,
+MAM). A fresh model then computes exactly what the base computes with that text written
+before every input, which for a neutral text is close to the base itself; PEFT's random
+virtual tokens instead start far above the base's loss and short runs end there (see
+:func:`start_virtual_tokens`). ``prompt_init_text: null`` keeps PEFT's random start.
 
 Two PEFT limits shape :meth:`PromptMethod.write_adapter`: PEFT cannot reload a
 prompt-learning adapter as trainable, and for P-tuning and projected prefixes it saves only
@@ -23,7 +32,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import torch
 from pydantic import Field
@@ -41,33 +50,42 @@ if TYPE_CHECKING:
 #: Full trainable state of the prompt encoder, next to PEFT's own files.
 TRAINABLE_FILE = "tunelab_trainable.safetensors"
 
-#: Keys two prompt configs share without sharing a parent: declared once, used by both.
+#: The text virtual tokens start from unless ``prompt_init_text`` says otherwise. Measured on
+#: SmolLM2-135M-Instruct (``benchmarks/neutral_text.py``): written before the identity eval
+#: questions it changes the base's answer-token distribution least among the texts tried
+#: (KL to the base NEUTRAL_KL), while repeated special tokens (end-of-text, ``<|im_start|>``)
+#: or a newline shift it 4-8 times more. Plain text, so it suits any tokenizer.
+NEUTRAL_INIT_TEXT = "Below is a conversation between a user and a helpful assistant.\n"
+
+#: Keys several prompt configs share without sharing a parent: declared once, used by each.
 PromptInitText = Annotated[str | None, Field(
-    description="Start the virtual tokens at this text: its embeddings (prompt) or the base's key/values of it "
-                "(prefix, ptuning_v2, mam without prefix_projection).")]
+    description="Start the virtual tokens at the base's own states for this text: its embeddings (prompt, ptuning) "
+                "or the base's keys/values of it (prefix, ptuning_v2, mam); null = PEFT's random start.")]
 EncoderHiddenSize = Annotated[int | None, Field(
     description="Hidden size of the prompt encoder (MLP/LSTM); default: the model's hidden size.")]
 
 
 class VirtualTokensConfig(MethodConfig):
-    """Prompt learning: how many virtual tokens are learned."""
+    """Prompt learning: how many virtual tokens are learned, and the text they start from."""
 
     num_virtual_tokens: int = Field(20, gt=0, description="Virtual tokens prepended to every sequence.")
+    prompt_init_text: PromptInitText = NEUTRAL_INIT_TEXT
 
 
 class PromptConfig(VirtualTokensConfig):
     """Prompt tuning."""
 
-    prompt_init_text: PromptInitText = None
+
+class KeyValuePrefixConfig(VirtualTokensConfig):
+    """P-tuning v2: per-layer key/value prefixes, trained directly."""
 
 
-class PrefixConfig(VirtualTokensConfig):
-    """Prefix-tuning and P-tuning v2 (per-layer key/value prefixes)."""
+class PrefixConfig(KeyValuePrefixConfig):
+    """Prefix-tuning: per-layer key/value prefixes produced by an MLP (or trained directly)."""
 
-    prefix_projection: bool = Field(False, description="Produce the prefix through an MLP (prefix-tuning's "
-                                                       "reparameterisation).")
+    prefix_projection: bool = Field(True, description="Produce the prefix through an MLP (prefix-tuning's "
+                                                      "reparameterisation); false = train the table directly.")
     encoder_hidden_size: EncoderHiddenSize = None
-    prompt_init_text: PromptInitText = None
 
 
 class PTuningConfig(VirtualTokensConfig):
@@ -132,44 +150,82 @@ def _virtual_token_ids(tokenizer: "PreTrainedTokenizerBase", text: str, count: i
     """The token ids of ``text``, repeated and cut to exactly ``count`` virtual tokens."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
-        raise ConfigError(f"method.prompt_init_text {text!r} tokenizes to nothing; give a non-empty text.")
+        raise ConfigError(f"method.prompt_init_text {text!r} tokenizes to nothing; give a non-empty text "
+                          "(or null for a random start).")
     return (ids * math.ceil(count / len(ids)))[:count]
 
 
-def init_prefix_from_text(model: "PeftModel", tokenizer: "PreTrainedTokenizerBase", cfg: PrefixConfig) -> None:
-    """Start a fresh key/value prefix (prefix, ptuning_v2, MAM) at the base's own key/values of
-    ``method.prompt_init_text``; without that text PEFT's random table stays.
-
-    Why: a random table of per-layer keys and values pulls every attention head towards
-    noise, so training starts far above the base model's loss (measured on SmolLM2 in the
-    compare job: ptuning_v2 7.3 and MAM 5.8 after 8 steps against the base's 3.7). Li & Liang
-    (2021) initialise prefixes from activations of real words instead. PEFT places the prefix
-    at positions 0..n-1 and the input after it, so with this table the fresh model computes
-    exactly what the base computes with the text written before every input.
-    """
-    text = cfg.prompt_init_text
-    if not text:
-        return
-    if cfg.prefix_projection:
-        raise ConfigError("method.prompt_init_text initialises the key/value prefix itself, but with "
-                          "method.prefix_projection: true the prefix is the output of an MLP that starts random. "
-                          "Drop one of the two (prefix_projection: false trains the table directly).")
-    base = model.get_base_model()
-    ids = torch.tensor([_virtual_token_ids(tokenizer, text, cfg.num_virtual_tokens)],
-                       device=base.get_input_embeddings().weight.device)
+def _key_value_table(base: "PreTrainedModel", ids: list[int]) -> torch.Tensor:
+    """The base's keys and values of ``ids`` in every layer, as PEFT's prefix table [tokens, L*2*H_kv]."""
+    tokens = torch.tensor([ids], device=base.get_input_embeddings().weight.device)
     was_training = base.training
     base.eval()  # dropout would make the initial prefix random again
     try:
         with torch.no_grad():
-            cache = base(input_ids=ids, use_cache=True).past_key_values
+            cache = base(input_ids=tokens, use_cache=True).past_key_values
     finally:
         base.train(was_training)
     # PEFT reads row t of the table as [layer, key|value, kv head, head dim], flattened.
     per_layer = torch.stack([torch.stack((layer.keys[0], layer.values[0])) for layer in cache.layers])
-    table = per_layer.permute(3, 0, 1, 2, 4).reshape(cfg.num_virtual_tokens, -1)
-    weight = model.prompt_encoder[model.active_adapter].embedding.weight
+    return per_layer.permute(3, 0, 1, 2, 4).reshape(len(ids), -1)
+
+
+def start_virtual_tokens(model: "PeftModel", tokenizer: "PreTrainedTokenizerBase", cfg: VirtualTokensConfig) -> None:
+    """Start a fresh prompt encoder at the base's own states for ``cfg.prompt_init_text``.
+
+    Why: random virtual tokens are noise in front of every input. A random key/value prefix
+    pulls every attention head towards it, so training starts far above the base's loss
+    (SmolLM2, compare job, 8 steps: ptuning_v2 7.3 and MAM 5.8 against the base's 3.7), and
+    short runs end above it. Li & Liang (2021) and Lester et al. (2021) initialise from real
+    words instead. The target is what the base itself makes of the text: its token embeddings
+    for input-side methods (prompt, P-tuning), its keys and values in every layer for prefix
+    methods (prefix, P-tuning v2, MAM). PEFT places the virtual tokens at positions 0..n-1
+    and the input after them, so the fresh model computes exactly what the base computes with
+    the text written before every input. Encoders with an MLP or LSTM (prefix's
+    reparameterisation, P-tuning) get there through their output layer
+    (:func:`_fit_output_layer`); tables are copied. Null text: PEFT's random start stays.
+    """
+    text = cfg.prompt_init_text
+    if text is None:
+        return
+    base = model.get_base_model()
+    ids = _virtual_token_ids(tokenizer, text, cfg.num_virtual_tokens)
+    if getattr(model.active_peft_config.peft_type, "value", None) == "PREFIX_TUNING":
+        target = _key_value_table(base, ids)
+    else:
+        embeddings = base.get_input_embeddings()
+        with torch.no_grad():
+            target = embeddings(torch.tensor(ids, device=embeddings.weight.device))
+    encoder = model.prompt_encoder[model.active_adapter]
+    output_layer = next((m for m in reversed(list(encoder.modules())) if isinstance(m, nn.Linear)), None)
     with torch.no_grad():
-        weight.copy_(table.to(weight.dtype))
+        if output_layer is None:
+            encoder.embedding.weight.copy_(target.to(encoder.embedding.weight.dtype))
+        else:
+            _fit_output_layer(encoder, output_layer, target)
+
+
+def _fit_output_layer(encoder: nn.Module, output_layer: nn.Linear, target: torch.Tensor) -> None:
+    """Set ``output_layer`` so that ``encoder(0..n-1)`` is ``target`` [n, out].
+
+    The layer's input for the n virtual tokens is a fixed matrix H [n, in] (the encoder's
+    random embedding through its first layers). Bias = the mean target row, weight = the
+    minimum-norm solution of H W^T = target - bias (pseudo-inverse): exact while n <= in,
+    the least-squares fit beyond. The rest of the encoder keeps its random initialisation,
+    so training still goes through the reparameterisation the method is defined by.
+    """
+    captured: list[torch.Tensor] = []
+    hook = output_layer.register_forward_hook(lambda module, args, out: captured.append(args[0]))
+    try:
+        encoder(torch.arange(target.shape[0], device=output_layer.weight.device))
+    finally:
+        hook.remove()
+    features = captured[0].reshape(-1, output_layer.in_features).double()
+    goal = target.reshape(features.shape[0], -1).double().to(features.device)
+    bias = goal.mean(0)
+    weight = (torch.linalg.pinv(features) @ (goal - bias)).T
+    output_layer.weight.copy_(weight.to(output_layer.weight.dtype))
+    output_layer.bias.copy_(bias.to(output_layer.bias.dtype))
 
 
 def _encoder_hidden_size(method: PeftMethod, model: "PreTrainedModel") -> int:
@@ -177,12 +233,21 @@ def _encoder_hidden_size(method: PeftMethod, model: "PreTrainedModel") -> int:
     return method.cfg.encoder_hidden_size or model.config.hidden_size
 
 
-@register("prefix")
-class Prefix(PromptMethod):
-    """Prefix-tuning: trained key/value prefixes in every layer, optionally through an MLP."""
+class VirtualTokenMethod(PromptMethod):
+    """A prompt-learning method whose fresh virtual tokens start at ``prompt_init_text``."""
 
-    config_class = PrefixConfig
-    cfg: PrefixConfig
+    cfg: VirtualTokensConfig
+
+    def after_create(self, model: "PeftModel", base: "PreTrainedModel",
+                     tokenizer: "PreTrainedTokenizerBase") -> None:
+        start_virtual_tokens(model, tokenizer, self.cfg)
+
+
+@register("ptuning_v2")
+class KeyValuePrefix(VirtualTokenMethod):
+    """P-tuning v2: deep prompts at every layer = prefix-tuning without reparameterisation."""
+
+    config_class: type[VirtualTokensConfig] = KeyValuePrefixConfig
     peft_type = "PREFIX_TUNING"
     #: PEFT passes prefixes as past_key_values, which gradient checkpointing does not support.
     supports_gradient_checkpointing = False
@@ -191,29 +256,38 @@ class Prefix(PromptMethod):
         from peft import PrefixTuningConfig
 
         return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=self.cfg.num_virtual_tokens,
-                                  prefix_projection=self.cfg.prefix_projection,
-                                  encoder_hidden_size=_encoder_hidden_size(self, model))
+                                  **self.projection(model))
 
-    def after_create(self, model: "PeftModel", base: "PreTrainedModel",
-                     tokenizer: "PreTrainedTokenizerBase") -> None:
-        init_prefix_from_text(model, tokenizer, self.cfg)
+    def projection(self, model: "PreTrainedModel") -> dict[str, Any]:
+        """PEFT's reparameterisation settings: none for the table."""
+        return {"prefix_projection": False}
 
 
-@register("ptuning_v2")
-class PTuningV2(Prefix):
-    """P-tuning v2: deep prompts at every layer = prefix-tuning without reparameterisation."""
+@register("prefix")
+class Prefix(KeyValuePrefix):
+    """Prefix-tuning (Li & Liang, 2021): key/value prefixes in every layer produced by an MLP.
 
-    def peft_config(self, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase") -> "PeftConfig":
-        if self.cfg.prefix_projection:
-            raise ConfigError("method.type 'ptuning_v2' trains the per-layer prompts directly; "
-                              "method.prefix_projection: true is the reparameterised variant, which is "
-                              "method.type: prefix. Use that, or drop prefix_projection.")
-        return super().peft_config(model, tokenizer)
+    The MLP (``prefix_projection``, the paper's reparameterisation) is what sets the method
+    apart from ``ptuning_v2``: Li & Liang found that optimising the prefix table directly is
+    unstable and trains worse, and it trains better here too (README "Methods").
+    """
+
+    config_class = PrefixConfig
+    cfg: PrefixConfig
+
+    def projection(self, model: "PreTrainedModel") -> dict[str, Any]:
+        return {"prefix_projection": self.cfg.prefix_projection,
+                "encoder_hidden_size": _encoder_hidden_size(self, model)}
 
 
 @register("prompt")
-class PromptTuning(PromptMethod):
-    """Prompt tuning: trained input embeddings, random or from ``prompt_init_text``."""
+class PromptTuning(VirtualTokenMethod):
+    """Prompt tuning: trained input embeddings, from ``prompt_init_text`` or random.
+
+    PEFT's own TEXT init re-loads a tokenizer from a path, which an in-memory or GGUF
+    tokenizer does not have, so the table starts random here and is then set from the
+    tokenizer object we already have (:func:`start_virtual_tokens`).
+    """
 
     config_class = PromptConfig
     cfg: PromptConfig
@@ -225,27 +299,9 @@ class PromptTuning(PromptMethod):
         return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=self.cfg.num_virtual_tokens,
                                   prompt_tuning_init="RANDOM")
 
-    def after_create(self, model: "PeftModel", base: "PreTrainedModel",
-                     tokenizer: "PreTrainedTokenizerBase") -> None:
-        """Text initialisation from the tokenizer object we already have.
-
-        PEFT's own TEXT init re-loads a tokenizer from a path, which an in-memory or GGUF
-        tokenizer does not have; the idea (Lester et al.) is simply to start the virtual
-        tokens at the embeddings of a task description, repeated to fill them all.
-        """
-        text = self.cfg.prompt_init_text
-        if not text:
-            return
-        ids = _virtual_token_ids(tokenizer, text, self.cfg.num_virtual_tokens)
-        embeddings = base.get_input_embeddings()
-        encoder = model.prompt_encoder[ADAPTER_NAME].embedding
-        with torch.no_grad():
-            vectors = embeddings(torch.tensor(ids, device=embeddings.weight.device))
-            encoder.weight.copy_(vectors.to(encoder.weight.dtype))
-
 
 @register("ptuning")
-class PTuning(PromptMethod):
+class PTuning(VirtualTokenMethod):
     """P-tuning: virtual input embeddings produced by an MLP or LSTM prompt encoder."""
 
     config_class = PTuningConfig

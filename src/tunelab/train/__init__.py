@@ -10,10 +10,14 @@ if TYPE_CHECKING:
     from tunelab.train.lifecycle import TrainResult
 
 
-def run_stage(cfg: "RunConfig", *, resume: bool = False, overwrite: bool = False,
-              progress: bool = True) -> "TrainResult":
-    """Train ``cfg.stage`` with the loop its stage declares (the batch loop, or a rollout loop)."""
+def run_stage(cfg: "RunConfig", *, resume: bool = False, overwrite: bool = False, discard: bool = False,
+              force: bool = False, allow_config_change: bool = False, progress: bool = True) -> "TrainResult":
+    """Train ``cfg.stage`` with the loop its stage declares (the batch loop, or a rollout loop).
+
+    The flags say what the run may do with what ``cfg.output_dir`` holds
+    (``tunelab.train.lifecycle.check_run_dir``)."""
     from tunelab.train.stages import get_stage
 
     trainer = get_stage(cfg.stage).trainer
-    return trainer(cfg, resume=resume, overwrite=overwrite, progress=progress).run()
+    return trainer(cfg, resume=resume, overwrite=overwrite, discard=discard, force=force,
+                   allow_config_change=allow_config_change, progress=progress).run()

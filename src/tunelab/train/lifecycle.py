@@ -4,17 +4,20 @@
 (:class:`tunelab.train.loop.Trainer`) and the rollout loops (PPO, GRPO) behave the same:
 
 1. ``check_config`` (the trainer's own checks), then :func:`check_run_dir`: nothing is
-   loaded and nothing is written before the config and the run directory are known good;
-2. :func:`prepare_run_dir`: the run directory, its ``config.yaml`` (written once, here) and
-   ``status.json`` ("running", with this pid);
+   loaded and nothing is written before the config and the run directory are known good
+   (a refused ``--resume``, ``--overwrite`` or output_dir leaves the directory as it was);
+2. :func:`prepare_run_dir`: a replaced run put aside, temporaries of interrupted saves
+   removed, the run directory, its ``config.yaml`` (written here only) and ``status.json``
+   ("running", with this pid);
 3. set-up: accelerator, seed, method, base model, data, step count, the method applied,
    gradient checkpointing, the trainer's ``attach`` (objective, value head, reward,
    reference...), optimizer, scheduler;
 4. ``run``: resume from the latest checkpoint, then steps until ``total_steps`` with
    logging (``metrics.jsonl``, ``train.log``, ``status.json``), periodic evaluation,
    checkpoints on schedule, and a clean stop (checkpoint, then exit) on SIGINT/SIGTERM;
-5. final evaluation and save: the trainer's ``save_outputs``, the method's weights, the
-   tokenizer; status "finished" (or "stopped"; "failed" with the error on any exception).
+5. final evaluation and save: the tokenizer, the trainer's ``save_outputs``, the method's
+   weights (each file atomically); status "finished" (or "stopped"; "failed" with the
+   error on any exception).
 
 Under ``accelerate launch``/``torchrun`` every process runs the lifecycle; only the main
 process writes into the run directory.
@@ -22,6 +25,9 @@ process writes into the run directory.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import signal
 import sys
 import time
@@ -39,7 +45,8 @@ from tunelab.errors import ConfigError, TunelabError
 from tunelab.memory import peak_memory_bytes
 from tunelab.methods.base import Method, count_parameters, get_method
 from tunelab.models.loader import load_base, training_dtype
-from tunelab.runs import RunDir
+from tunelab.io import atomic_files
+from tunelab.runs import TOKENIZER_STAGING, RunDir
 from tunelab.train.batches import MicroBatches, total_steps
 from tunelab.train.checkpoint import TrainState, checkpoint_if_due, load_checkpoint, save_checkpoint
 from tunelab.trackers import with_trackers
@@ -105,33 +112,193 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def check_run_dir(run: RunDir, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix a new run into a directory that holds another run's results.
+#: What ``--allow-config-change`` lets a resumed run change: how long and how fast it trains, what
+#: it logs, evaluates and keeps, and memory/speed settings that compute the same steps. Every other
+#: key (model, method, stage, training data, lengths, batch shape, precision, ...) decides what the
+#: checkpoint's weights and optimizer state mean, so a change of it is refused even with the flag.
+RESUMABLE_KEYS = frozenset({
+    "train.lr", "train.max_steps", "train.epochs",
+    "train.log_every", "train.save_every", "train.keep_last", "train.eval_every", "train.eval_base",
+    "train.report_to", "data.eval", "data.num_workers", "data.cache_dir",
+    "train.gradient_checkpointing", "train.loss_chunk_size", "train.auto_batch_size",
+})
+#: Keys never compared: the run directory is the one being resumed, however its path is spelled.
+_UNCOMPARED = frozenset({"output_dir"})
+_ABSENT = "(absent)"
 
-    Called before anything is written: every rule about whether a run may start in a
-    directory belongs here.
+#: One changed key of a resumed run's config: (dotted key, saved value, new value).
+ConfigChange = tuple[str, Any, Any]
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(saved: RunConfig, new: RunConfig) -> list[ConfigChange]:
+    """The keys whose values differ between two configs, in the order of the config's sections."""
+    before, after = _flatten(saved.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
+    keys = [*before, *(key for key in after if key not in before)]
+    return [(key, before.get(key, _ABSENT), after.get(key, _ABSENT)) for key in keys
+            if key not in _UNCOMPARED and before.get(key, _ABSENT) != after.get(key, _ABSENT)]
+
+
+def _show(value: Any) -> str:
+    return value if value == _ABSENT else json.dumps(value)
+
+
+def _diff_lines(changes: list[ConfigChange]) -> str:
+    return "\n".join(f"  {key}: {_show(old)} -> {_show(new)}" for key, old, new in changes)
+
+
+@dataclass(frozen=True)
+class RunDirPlan:
+    """What :func:`prepare_run_dir` will do, decided by :func:`check_run_dir` before any write."""
+
+    resume: bool = False
+    #: An existing run to put aside first: renamed to NAME.replaced-<time> ("move") or deleted ("discard").
+    replace: Literal["move", "discard"] | None = None
+    #: Resume only: the keys ``--allow-config-change`` let change (``config.yaml`` is rewritten).
+    config_changes: tuple[ConfigChange, ...] = ()
+
+
+def _check_writable(root: Path) -> None:
+    """``output_dir`` is, or can become, a directory this process writes into."""
+    if root.exists() and not root.is_dir():
+        raise TunelabError(f"output_dir {root} is a file, not a directory. Set output_dir to a directory path (it "
+                           "is created when missing).")
+    existing = next(path for path in (root, *root.parents) if path.exists())
+    if not existing.is_dir():
+        raise TunelabError(f"output_dir {root} cannot be created: {existing} is a file. Set output_dir to a path "
+                           "under a directory.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TunelabError(f"output_dir {root} is not writable: this user may not write into {existing} (its "
+                           "permissions, or a read-only file system). Set output_dir to a directory you can write "
+                           "to.")
+
+
+def _check_not_in_use(run: RunDir) -> None:
+    status = run.read_status()
+    if status is not None and status.status == "running" and status.pid != os.getpid():
+        raise TunelabError(f"output_dir {run.root} belongs to a run that is training now (pid {status.pid} on "
+                           f"{status.host or 'this host'}, step {status.step}): a second run there would mix their "
+                           "files. Wait until it ends, or stop it (Ctrl-C or SIGTERM: it saves a checkpoint) and "
+                           "then pass --resume.")
+
+
+def _check_resume(run: RunDir, cfg: RunConfig, allow_config_change: bool) -> tuple[ConfigChange, ...]:
+    """The run in ``run`` can continue under ``cfg``; returns the changes the user allowed."""
+    if not run.is_run():
+        raise TunelabError(f"--resume: {run.root} holds no run to continue ({run.config} is missing). Leave out "
+                           "--resume to start a run there, or set output_dir to the run you meant.")
+    if run.latest_checkpoint() is None:
+        raise TunelabError(f"--resume: {run.checkpoints} holds no checkpoint to resume from. Run without --resume "
+                           "and with --overwrite to start over (the old run is moved aside), and set "
+                           "train.save_every so checkpoints are written.")
+    changes = config_changes(run.read_config(), cfg)
+    if not changes:
+        return ()
+    own = f"`tunelab train {run.config} --resume`"
+    fixed = [key for key, _, _ in changes if key not in RESUMABLE_KEYS]
+    head = f"--resume: this config differs from the one {run.root} was trained with ({run.config}):\n" \
+           f"{_diff_lines(changes)}\n"
+    if fixed:
+        raise ConfigError(f"{head}{', '.join(fixed)} change{'s' if len(fixed) == 1 else ''} what is trained, so the "
+                          "checkpoint cannot continue under the new value (even --allow-config-change only allows "
+                          f"{', '.join(sorted(RESUMABLE_KEYS))}). Resume with the run's own config ({own}), or "
+                          "start a new run: another output_dir, or --overwrite (the old run is moved aside).")
+    if not allow_config_change:
+        raise ConfigError(f"{head}Pass --allow-config-change to continue with the new value(s), or resume with the "
+                          f"run's own config: {own}.")
+    return tuple(changes)
+
+
+def check_run_dir(run: RunDir, cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
+                  discard: bool = False, force: bool = False, allow_config_change: bool = False) -> RunDirPlan:
+    """Decide whether a run may start in ``run`` and how; raise the reason when it may not.
+
+    Reads only: nothing is written (and no model is loaded) before every rule here has
+    passed, so a refused start leaves the directory byte for byte as it was. Every rule
+    about whether a run may start in a directory belongs here:
+
+    - ``output_dir`` is, or can become, a writable directory, and no live process trains in it;
+    - ``resume``: it holds a run with a checkpoint, and the config differs from the run's
+      own only in :data:`RESUMABLE_KEYS`, and only with ``allow_config_change``;
+    - a directory that is not a run (no ``config.yaml``/``status.json``) but holds files is
+      someone's own: refused unless ``force``;
+    - a run with checkpoints or trained weights is refused unless ``overwrite``, which puts
+      it aside whole (renamed; deleted with ``discard``) so nothing of it mixes with the new run.
     """
-    if resume or overwrite or not run.root.exists():
-        return
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in output_dir and --overwrite starts a new one there: pass "
+                          "one of them.")
+    if discard and not overwrite:
+        raise ConfigError("--discard goes with --overwrite: it deletes the previous run instead of moving it aside.")
+    _check_writable(run.root)
+    _check_not_in_use(run)
+    if resume:
+        return RunDirPlan(resume=True, config_changes=_check_resume(run, cfg, allow_config_change))
+    if not (run.is_run() or run.status.exists()):
+        found = run.contents()
+        if found and not force:
+            more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+            raise TunelabError(f"output_dir {run.root} is not a tunelab run but holds files ("
+                               f"{', '.join(path.name for path in found[:5])}{more}); a run would write its "
+                               "config.yaml, tokenizer files and weights among them. Set output_dir to a new or "
+                               "empty directory, or pass --force to write the run there anyway (files of the same "
+                               "names are replaced).")
+        return RunDirPlan()
+    if overwrite:
+        return RunDirPlan(replace="discard" if discard else "move")
     leftovers = [path.name for path in run.trained_outputs()]
     if leftovers:
         raise TunelabError(f"output_dir {run.root} already holds a run ({', '.join(leftovers)}). Pass --resume to "
-                           "continue it, --overwrite to start over there, or set output_dir to a new directory.")
+                           "continue it, --overwrite to start over there (the old run is moved aside to "
+                           f"{run.name}.replaced-<time>), or set output_dir to a new directory.")
+    return RunDirPlan()
 
 
-def prepare_run_dir(run: RunDir, cfg: RunConfig, resume: bool) -> None:
-    """Make the run directory ready for a run that passed :func:`check_run_dir`.
+def prepare_run_dir(run: RunDir, cfg: RunConfig, plan: RunDirPlan) -> list[str]:
+    """Make the run directory ready as :func:`check_run_dir` planned; return what was done, for the user.
 
-    Writes the resolved config (the only write of ``config.yaml`` in a run) and a
+    Puts a replaced run aside, removes temporaries of interrupted saves, writes the
+    resolved config (at a fresh start, or on a resume whose changes were allowed) and a
     "running" status; a fresh start also clears the progress record (metrics, log, plot)
-    a previous run left there, so the files describe this run only.
+    a previous start left there, so the files describe this run only.
     """
-    run.root.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        for path in (run.metrics, run.log, run.loss_plot):
-            path.unlink(missing_ok=True)
-    run.write_config(cfg)
-    run.write_status(status="running", step=0, total_steps=None, error=None)
+    notes = []
+    try:
+        if plan.replace is not None:
+            moved = run.move_aside()
+            if plan.replace == "discard":
+                shutil.rmtree(moved)
+                notes.append(f"--overwrite --discard: deleted the previous run in {run.root}")
+            else:
+                notes.append(f"--overwrite: moved the previous run to {moved} (delete it when you no longer "
+                             "need it)")
+        run.root.mkdir(parents=True, exist_ok=True)
+        cleaned = run.clean_temporaries()
+        if cleaned:
+            notes.append(f"removed {len(cleaned)} temporary file(s) of an interrupted save: "
+                         f"{', '.join(str(path.relative_to(run.root)) for path in cleaned)}")
+        if not plan.resume:
+            for path in (run.metrics, run.log, run.loss_plot):
+                path.unlink(missing_ok=True)
+        if not plan.resume or plan.config_changes:
+            run.write_config(cfg)
+        if plan.config_changes:
+            notes.append(f"--allow-config-change: resuming with\n{_diff_lines(list(plan.config_changes))}")
+        run.write_status(status="running", step=0, total_steps=None, error=None)
+    except OSError as err:
+        raise TunelabError(f"output_dir {run.root} cannot be written: {err.strerror or err} "
+                           f"({err.filename or run.root}). Set output_dir to a directory you can write to (or "
+                           "free disk space).") from None
+    return notes
 
 
 def enable_gradient_checkpointing(model: nn.Module, method: Method) -> None:
@@ -173,7 +340,10 @@ class RunTrainer:
     #: "batch" (optimizer steps over micro-batches of a dataset) or "rollout" (samples, then updates).
     loop: ClassVar[Literal["batch", "rollout"]]
 
-    def __init__(self, cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True):
+    def __init__(self, cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, discard: bool = False,
+                 force: bool = False, allow_config_change: bool = False, progress: bool = True):
+        """``resume``, ``overwrite``, ``discard``, ``force``, ``allow_config_change``: how the run
+        may treat what ``cfg.output_dir`` already holds (:func:`check_run_dir`)."""
         self.stage: "StageSpec" = get_stage(cfg.stage)
         if not isinstance(self, self.stage.trainer):
             raise ConfigError(f"stage '{cfg.stage}' is trained by {self.stage.trainer.__name__}, not "
@@ -182,12 +352,15 @@ class RunTrainer:
         self.check_config(cfg)
         self.cfg, self.resume, self.progress = cfg, resume, progress
         self.run_dir = RunDir(cfg.output_dir)
-        check_run_dir(self.run_dir, resume, overwrite)
+        self.plan = check_run_dir(self.run_dir, cfg, resume=resume, overwrite=overwrite, discard=discard,
+                                  force=force, allow_config_change=allow_config_change)
         self.accelerator = make_accelerator(cfg.train.precision)
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
+        self.accelerator.wait_for_everyone()  # every process has checked before the main one writes
         if self.is_main:
-            prepare_run_dir(self.run_dir, cfg, resume)
+            for note in prepare_run_dir(self.run_dir, cfg, self.plan):
+                self.say(note)
         with self._recording_failure():
             self._setup()
 
@@ -205,7 +378,7 @@ class RunTrainer:
         if cfg.train.gradient_checkpointing:
             enable_gradient_checkpointing(model, self.method)
         self.attach(model)
-        optimizer = build_optimizer(self.method.param_groups(model, cfg.train), cfg.train)
+        optimizer = build_optimizer(self.method.param_groups(model, cfg.train), cfg.train, say=self.say)
         self.scheduler = build_scheduler(optimizer, cfg.train, optimizer_steps)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.trainable_params, self.total_params = count_parameters(self.model)
@@ -337,12 +510,21 @@ class RunTrainer:
     def _resume_if_asked(self) -> None:
         if not self.resume:
             return
-        latest = self.run_dir.latest_checkpoint()
-        if latest is None:
-            raise TunelabError(f"--resume: {self.run_dir.checkpoints} holds no checkpoint to resume from. Run "
-                               "without --resume, or set train.save_every so checkpoints are written.")
+        latest = self.run_dir.latest_checkpoint()  # check_run_dir made sure there is one
+        new_peaks = list(self.scheduler.base_lrs)
         self.state = load_checkpoint(latest, self.accelerator.unwrap_model(self.model), self.optimizer,
                                      self.scheduler)
+        if self.plan.config_changes:
+            self._reschedule(new_peaks)
+
+    def _reschedule(self, peaks: list[float]) -> None:
+        """After a resume with allowed changes (``train.lr``, the run's length): the restored
+        optimizer and scheduler hold the old peak rates and the old schedule's current rate;
+        put the new peaks in and the new schedule's rate at the restored step."""
+        self.scheduler.base_lrs = peaks
+        for group, peak, factor in zip(self.optimizer.param_groups, peaks, self.scheduler.lr_lambdas):
+            group["initial_lr"] = peak
+            group["lr"] = peak * factor(self.scheduler.last_epoch)
 
     def _checkpoint(self) -> None:
         self.accelerator.wait_for_everyone()
@@ -356,9 +538,10 @@ class RunTrainer:
         if not self.is_main:
             return
         model = self.accelerator.unwrap_model(self.model)
+        with atomic_files(self.run_dir.tokenizer, TOKENIZER_STAGING) as staging:
+            self.tokenizer.save_pretrained(str(staging))
         self.save_outputs(model)
         self.method.save(model, self.run_dir.root)
-        self.tokenizer.save_pretrained(self.run_dir.tokenizer)
 
     # -- status ------------------------------------------------------------------------------
     def _status(self, **fields: Any) -> None:

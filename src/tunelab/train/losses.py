@@ -291,22 +291,32 @@ def simpo_loss(chosen_avg: Tensor, rejected_avg: Tensor, beta: float, gamma: flo
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
-def kto_reference_point(policy_logps: Tensor, ref_logps: Tensor) -> Tensor:
-    """KTO's reference point ``z0 = max(0, mean(log pi - log pi_ref))``, detached.
+def kto_kl_estimate(policy_logps: Tensor, ref_logps: Tensor) -> Tensor:
+    """KTO's estimate of ``KL(pi || pi_ref)``: ``mean(log pi - log pi_ref)``, detached.
 
-    Ethayarajh et al. 2024 (sec. 4) estimate ``KL(pi || pi_ref)`` on *mismatched* pairs:
-    each prompt x_i scored with another example's completion y_j (j != i, e.g. the batch
-    rolled by one). That is the choice we recommend: it costs one extra forward pass of
-    policy and reference, but it measures how far the policy drifted in general rather
-    than on the very answers being optimised. Passing the batch's own matched log-probs
-    instead gives the cheaper batch-mean estimate, biased upward on desirable-heavy
-    batches (those rewards are being pushed up). Either way z0 is a baseline, not a
-    target: the paper does not backpropagate through it, and the clamp at 0 holds
-    because a KL divergence cannot be negative. Under data parallelism, all-reduce the
-    mean before the clamp.
+    Ethayarajh et al. 2024 (sec. 4) estimate it on *mismatched* pairs: each prompt x_i
+    scored with another example's completion y_j (j != i, e.g. the batch rolled by one).
+    That is the choice we recommend: it costs one extra forward pass of policy and
+    reference, but it measures how far the policy drifted in general rather than on the
+    very answers being optimised. Passing the batch's own matched log-probs instead gives
+    the cheaper batch-mean estimate, biased upward on desirable-heavy batches (those
+    rewards are being pushed up). This is the value to log: a sample estimate, it goes
+    negative when the policy lowers unrelated answers, which the clamped reference point
+    (:func:`kto_reference_point`) would hide as 0. Under data parallelism, all-reduce the
+    mean.
     """
     _check_pairs(policy_logps, ref_logps)
-    return (policy_logps - ref_logps).mean().clamp(min=0).detach()
+    return (policy_logps - ref_logps).mean().detach()
+
+
+def kto_reference_point(policy_logps: Tensor, ref_logps: Tensor) -> Tensor:
+    """KTO's reference point ``z0 = max(0, kto_kl_estimate)``, detached.
+
+    z0 is a baseline, not a target: the paper does not backpropagate through it, and the
+    clamp at 0 holds because a KL divergence cannot be negative. The clamp is for the loss
+    only; log :func:`kto_kl_estimate`.
+    """
+    return kto_kl_estimate(policy_logps, ref_logps).clamp(min=0)
 
 
 def kto_loss(policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor,

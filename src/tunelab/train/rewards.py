@@ -31,9 +31,10 @@ from typing import Callable, Iterator, Protocol
 import torch
 from torch import nn
 
-from tunelab.config import PPOConfig, RunConfig, load_run_config
+from tunelab.config import PPOConfig, RunConfig
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.methods.peft_common import ADAPTER_NAME, require_adapter
+from tunelab.runs import RunDir
 from tunelab.train.reference import eval_mode
 from tunelab.train.rollout import Rollout
 from tunelab.models.value_head import hidden_size_of, load_value_head, sequence_scores
@@ -186,7 +187,7 @@ def using_adapter(model: nn.Module, name: str) -> Iterator[nn.Module]:
 
 
 def _check_reward_run(run_dir: Path, cfg: RunConfig) -> RunConfig:
-    reward_cfg = load_run_config(run_dir)
+    reward_cfg = RunDir(run_dir).read_config()
     if reward_cfg.stage != "rm":
         raise ConfigError(f"ppo.reward_model = {run_dir} is a '{reward_cfg.stage}' run, not a reward model. Pass "
                           "the output_dir of a `stage: rm` run, or use ppo.reward_fn.")

@@ -12,7 +12,7 @@ from tunelab.data.records import IGNORE_INDEX, Example, Unpaired, UnpairedExampl
 from tunelab.data.tokenize import encode_unpaired
 from tunelab.models.forward import Batch
 from tunelab.train.loop import Trainer
-from tunelab.train.losses import kto_loss, kto_reference_point
+from tunelab.train.losses import kto_kl_estimate, kto_loss, kto_reference_point
 from tunelab.train.objectives import Objective, batch_logps
 from tunelab.train.reference import ReferenceModel
 from tunelab.train.stages.base import StageSpec
@@ -57,7 +57,8 @@ class KTOObjective(Objective):
     Per micro-batch: policy and reference log-probs of the batch, plus both on the
     mismatched batch (:func:`mismatched_examples`, no gradient) for the reference point
     ``z0``. A batch of one example is its own mismatch, so z0 falls back to the batch
-    estimate there. Metrics (averaged over examples by the loop): ``kl`` (z0),
+    estimate there. Metrics (averaged over examples by the loop): ``kl`` (the KL estimate
+    before z0's clamp at 0, so drift in either direction shows),
     ``rewards/signed`` (the implicit reward ``beta (log pi - log pi_ref)`` with the sign of
     the label: it rises when desirable answers gain and undesirable ones lose) and
     ``rewards/accuracy`` (examples on the right side of z0).
@@ -74,27 +75,28 @@ class KTOObjective(Objective):
     def _logps(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return batch_logps(model, batch, self.chunk_size)[0]
 
-    def reference_point(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """z0 = max(0, mean(log pi - log pi_ref)) over the mismatched batch, detached."""
+    def reference_point(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(KL estimate, z0): mean(log pi - log pi_ref) over the mismatched batch, and its clamp at 0."""
         items = [UnpairedExample(e, True) for e in mismatched_examples(batch, self.max_length)]
         packed = "padding_mask" not in batch
         device = batch["input_ids"].device
         mismatched = {k: v.to(device) for k, v in collate_unpaired(items, self.pad_id, packed).items()}
         with torch.no_grad():
             policy = self._logps(model, mismatched)
-        return kto_reference_point(policy, self.reference.run(self._logps, mismatched))
+        ref = self.reference.run(self._logps, mismatched)
+        return kto_kl_estimate(policy, ref), kto_reference_point(policy, ref)
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
         policy = self._logps(model, batch)
         ref = self.reference.run(self._logps, batch)
-        z0 = self.reference_point(model, batch)
+        kl, z0 = self.reference_point(model, batch)
         desirable = batch["desirable"].bool()
         pref = self.pref
         losses, rewards = kto_loss(policy, ref, desirable, z0, pref.beta, pref.desirable_weight,
                                    pref.undesirable_weight)
         sign = torch.where(desirable, 1.0, -1.0)
         n = policy.shape[0]
-        metrics = {"kl": z0 * n, "rewards/signed": (sign * rewards).sum(),
+        metrics = {"kl": kl * n, "rewards/signed": (sign * rewards).sum(),
                    "rewards/accuracy": (sign * (rewards - pref.beta * z0) > 0).sum().float()}
         return losses.sum(), metrics
 
