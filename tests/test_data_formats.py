@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tunelab.data.formats import ConversionStats, to_records
-from tunelab.data.records import Conversation, Message, Preference, Text, Unpaired
+from tunelab.data.records import Conversation, Message, Preference, Text, ToolCall, Unpaired
 from tunelab.data.sources import DatasetSpec, RawRow, read_rows
 from tunelab.errors import DataError
 
@@ -147,10 +147,12 @@ def test_sharegpt_custom_tags():
     tags = {"role_tag": "who", "content_tag": "says", "user_tag": "me", "assistant_tag": "bot",
             "observation_tag": "result", "function_tag": "call", "system_tag": "rules"}
     dataset = spec("sharegpt", columns={"messages": "chat"}, tags=tags)
-    chat = [turn("rules", "r", "who", "says"), turn("me", "q", "who", "says"), turn("call", "f()", "who", "says"),
+    chat = [turn("rules", "r", "who", "says"), turn("me", "q", "who", "says"),
+            turn("call", '{"name": "f", "arguments": {"x": 1}}', "who", "says"),
             turn("result", "42", "who", "says"), turn("bot", "It is 42.", "who", "says")]
     record = one({"chat": chat}, dataset)
-    assert roles(record.messages) == [S, U, A, U, A] and record.messages[3].content == "42"
+    assert roles(record.messages) == [S, U, A, "tool", A] and record.messages[3].content == "42"
+    assert record.messages[2].tool_calls == (ToolCall("f", {"x": 1}),)
 
 
 def test_sharegpt_unknown_role_points_at_tags():
@@ -213,8 +215,9 @@ def test_openai_messages_with_tools_and_content_parts():
                                                                   {"type": "text", "text": "time?"}]),
                                msg("function_call", '{"name": "now"}'), msg("tool", "12:00"),
                                msg("assistant", "Noon.")]}, spec("openai"))
-    assert [(m.role, m.content) for m in record.messages] == [
-        (S, "sys"), (U, "What time?"), (A, '{"name": "now"}'), (U, "12:00"), (A, "Noon.")]
+    assert [(m.role, m.content, m.tool_calls) for m in record.messages] == [
+        (S, "sys", ()), (U, "What time?", ()), (A, "", (ToolCall("now", {}),)), ("tool", "12:00", ()),
+        (A, "Noon.", ())]
 
 
 def test_openai_empty_system_is_dropped():

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from tunelab.data.formats import to_records
-from tunelab.data.records import Conversation, Message, Preference, Text, Unpaired
+from tunelab.data.records import Conversation, Message, Preference, Text, ToolCall, Unpaired
 from tunelab.data.sources import INFO_FILE, DatasetRegistry, DatasetSpec, RawRow, detect_spec, read_rows
 from tunelab.errors import DataError
 
@@ -262,10 +262,10 @@ def test_identity_entry_is_alpaca_with_system_and_history(registry):
     assert records[2].origin == f"{FIXTURES / 'identity.json'}#2"
 
 
-def test_toolcall_turns_fold_into_user_and_assistant(registry):
+def test_toolcall_turns_keep_their_structure(registry):
     first, _, third = convert(registry, "glaive_toolcall_demo")
-    assert [m.role for m in first.messages] == ["user", "assistant", "user", "assistant"]
-    assert first.messages[1].content.startswith('{"name": "multiply"')
+    assert [m.role for m in first.messages] == ["user", "assistant", "tool", "assistant"]
+    assert first.messages[1].tool_calls == (ToolCall("multiply", {"a": 17, "b": 23}),)
     assert first.messages[2].content == '{"result": 391}'
     assert third.messages[0] == Message("system", "You answer tersely.")
 

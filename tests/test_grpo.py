@@ -150,14 +150,3 @@ def test_loss_aware_defaults():
     assert clip_range(GRPOConfig(loss="bnpo", epsilon=0.1)) == (0.1, 0.1)
     assert scales_rewards(GRPOConfig(loss="grpo")) and not scales_rewards(GRPOConfig(loss="dr_grpo"))
     assert scales_rewards(GRPOConfig(loss="dr_grpo", scale_rewards=True))
-
-
-def test_rl_stages_default_to_their_method_learning_rate():
-    assert build_config({"stage": "grpo"}).train.lr == 5e-4
-    assert build_config({"stage": "ppo"}).train.lr == 5e-4
-    assert build_config({"stage": "grpo", "method": {"type": "full"}}).train.lr == 1e-5
-    assert build_config({"stage": "grpo", "method": {"type": "freeze"}}).train.lr == 1e-5
-    assert build_config({"stage": "grpo", "train": {"lr": 2e-4}}).train.lr == 2e-4  # an explicit lr is kept
-    assert build_config({"stage": "sft"}).train.lr == 2e-4
-    saved = build_config({"stage": "grpo"}).model_dump(mode="json")
-    assert build_config(saved, ["method.type=full"]).train.lr == 5e-4  # a resolved config keeps its lr

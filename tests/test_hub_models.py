@@ -150,13 +150,12 @@ def test_estimate_resolves_a_hub_id(offline_hub, tmp_path):
     assert json.loads(result.output[result.output.index("{"):])
 
 
-def test_the_command_line_honours_hf_home_and_offline_mode(hf_home, tiny_model_dir):
-    """A fresh process: the cache comes from HF_HOME alone, and a hub request would hit a closed port."""
+def test_a_fresh_process_finds_the_cache_through_hf_home_alone(hf_home):
+    """Environment variables are read when huggingface_hub is imported: check them in a new process, where a
+    hub request would hit a closed port."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
-    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9", OMP_NUM_THREADS="1")
-    chat = ["chat", "--prompt", "Who are you?", "--max-new-tokens", "6", "--repetition-penalty", "5"]
-    result = subprocess.run([sys.executable, "-m", "tunelab.cli", chat[0], REPO, *chat[1:]], env=env,
-                            capture_output=True, text=True, timeout=300)
+    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
+    code = f"from tunelab.models.hub import hub_snapshot; print(hub_snapshot({REPO!r}, 'v2'))"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    local = runner.invoke(app, [chat[0], str(tiny_model_dir), *chat[1:]])
-    assert result.stdout.strip() == local.output.strip() != ""
+    assert Path(result.stdout.strip()) == hf_home / "hub" / "models--tunelab-test--tiny-llama" / "snapshots" / V2

@@ -12,7 +12,8 @@ from tunelab.methods.base import METHODS, Method, register
 from tunelab.methods.bottleneck import BottleneckConfig, FusionConfig, MixAndMatchConfig
 from tunelab.methods.freeze import FreezeConfig
 from tunelab.methods.lora import AdaLoraMethodConfig, IA3MethodConfig, LoraMethodConfig
-from tunelab.methods.prompts import PrefixConfig, PromptConfig, PTuningConfig
+from tunelab.methods.prompts import (NEUTRAL_INIT_TEXT, KeyValuePrefixConfig, PrefixConfig, PromptConfig,
+                                     PTuningConfig)
 
 # The flat method section every run directory got before per-type configs (tunelab <= the
 # previous release): every key of every type, most at their defaults.
@@ -31,7 +32,7 @@ def test_every_registered_type_has_the_config_class_declared_beside_it():
     assert set(classes) == set(METHODS)
     expected = {"lora": LoraMethodConfig, "dora": LoraMethodConfig, "qlora": LoraMethodConfig,
                 "adalora": AdaLoraMethodConfig, "ia3": IA3MethodConfig, "prefix": PrefixConfig,
-                "ptuning_v2": PrefixConfig, "prompt": PromptConfig, "ptuning": PTuningConfig,
+                "ptuning_v2": KeyValuePrefixConfig, "prompt": PromptConfig, "ptuning": PTuningConfig,
                 "houlsby": BottleneckConfig, "mam": MixAndMatchConfig, "adapter_fusion": FusionConfig,
                 "freeze": FreezeConfig, "full": MethodConfig}
     assert {name: classes[name] for name in expected} == expected
@@ -108,7 +109,8 @@ def test_saved_config_has_only_the_types_keys_and_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["method"] == {"type": "prefix", "init_from": None, "num_virtual_tokens": 7,
-                               "prefix_projection": False, "encoder_hidden_size": None, "prompt_init_text": None}
+                               "prefix_projection": True, "encoder_hidden_size": None,
+                               "prompt_init_text": NEUTRAL_INIT_TEXT}
     assert RunDir(tmp_path).read_config() == cfg
 
 

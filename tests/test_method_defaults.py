@@ -195,7 +195,7 @@ def test_kto_logs_the_unclamped_kl_estimate(tokenizer):
     _, metrics = objective.loss(model, batch)
     kl, z0 = objective.reference_point(model, batch)
     assert float(metrics["kl"]) == pytest.approx(float(kl) * len(items), abs=1e-5)
-    assert float(kl) != 0.0 and float(z0) == max(0.0, float(kl))
+    assert float(kl) < -0.1 and float(z0) == 0.0  # logging z0, as before, would show 0.0
 
 
 # ------------------------------------------------------------------ paged optimizers

@@ -18,7 +18,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from tunelab.config import MethodConfig, TrainConfig
+from tunelab.config import MethodConfig, TrainConfig, build_config
 from tunelab.errors import ConfigError
 from tunelab.methods import get_method
 from tunelab.methods.base import Method, trainable_state
@@ -303,12 +303,6 @@ def test_prefix_text_init_equals_writing_the_text_before_the_input(tokenizer, id
     assert model.prompt_encoder["default"].embedding.weight.requires_grad
 
 
-def test_prefix_text_init_refuses_a_projected_prefix(tokenizer):
-    method = make_method("prefix", prefix_projection=True, prompt_init_text="capital of France")
-    with pytest.raises(ConfigError, match="prefix_projection: true"):
-        method.apply(tiny_llama(len(tokenizer)), tokenizer)
-
-
 def _peft_and_fused(tokenizer, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
     """The same trained-looking LoRA model twice: PEFT's forward and the fused one."""
     from tunelab.methods.lora_fused import FusedLoraLinear
@@ -372,8 +366,8 @@ def test_prompt_methods_declare_their_limits():
     assert make_method("prompt").supports_gradient_checkpointing
     assert not any(make_method(name).supports_packing for name in PROMPT_METHODS)
     assert all(make_method(name).supports_packing for name in LORA_FAMILY)
-    with pytest.raises(ConfigError, match="method.type: prefix"):
-        make_method("ptuning_v2", prefix_projection=True).peft_config(None, None)
+    with pytest.raises(ConfigError, match="'method.prefix_projection' does not apply to method.type 'ptuning_v2'"):
+        build_config({"method": {"type": "ptuning_v2", "prefix_projection": True}})
 
 
 def test_unknown_lora_target_is_a_config_error(tokenizer):

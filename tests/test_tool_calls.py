@@ -116,7 +116,8 @@ FALLBACK_LLAMA3 = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\
                    "<|start_header_id|>user<|end_header_id|>\n\nWeather in Paris?<|eot_id|>"
                    "<|start_header_id|>assistant<|end_header_id|>\n\n<tool_call>\n" + CALL + "\n</tool_call><|eot_id|>"
                    "<|start_header_id|>user<|end_header_id|>\n\n<tool_response>\n" + RESULT
-                   + "\n</tool_response><|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n21 degrees.<|eot_id|>")
+                   + "\n</tool_response><|eot_id|>"
+                   "<|start_header_id|>assistant<|end_header_id|>\n\n21 degrees.<|eot_id|>")
 
 
 def _tokenizer(template: str | None, specials: list[str] = LLAMA_SPECIALS):
@@ -143,8 +144,9 @@ CASES = {
 
 
 def _record(data: dict, formatting: str) -> Conversation:
-    rows = [RawRow(data, "tools.json", None, 0)]
-    return to_records(rows, DatasetSpec(name="tools", files=[], formatting=formatting))[0][0]  # type: ignore[return-value]
+    records, _ = to_records([RawRow(data, "tools.json", None, 0)], DatasetSpec(name="tools", files=[],
+                                                                              formatting=formatting))
+    return records[0]  # type: ignore[return-value]
 
 
 def _runs(tokenizer, example, supervised: bool = True) -> list[str]:
@@ -229,7 +231,7 @@ def test_a_conversation_the_tool_template_rejects_names_the_record(tokenizers):
 def test_chat_prompts_are_the_training_text_before_each_answer(tokenizers, tmp_path, case):
     """The run's template, reloaded from the run directory as chat/serve load it, prompts with exactly the
     training text (and ids) before each assistant turn, tools or not."""
-    name, _, _, _, _ = CASES[case]
+    name = CASES[case][0]
     tokenizers[name].save_pretrained(tmp_path)
     loaded = wrap_run(None, tmp_path, RunConfig(), None)  # type: ignore[arg-type]
     training = get_template("auto", tokenizers[name])
@@ -251,9 +253,9 @@ def test_chat_prompts_are_the_training_text_before_each_answer(tokenizers, tmp_p
 # --------------------------------------------------------------------------- bad records
 
 
-def _bad(tmp_path: Path, record: dict, formatting: str = "sharegpt", name: str = "bad.json") -> DataError:
+def _bad(tmp_path: Path, record: dict, formatting: str) -> DataError:
     """The error converting ``record``, the second record of a JSON file."""
-    path = tmp_path / name
+    path = tmp_path / "bad.json"
     path.write_text(json.dumps([SHAREGPT if formatting == "sharegpt" else OPENAI, record]), encoding="utf-8")
     with pytest.raises(DataError) as info:
         to_records(read_rows(path), DatasetSpec(name="bad", files=[path], formatting=formatting))
@@ -268,10 +270,10 @@ def _sharegpt(*turns: tuple[str, object], **columns) -> dict:
 
 @pytest.mark.parametrize("record, formatting, field, message", [
     (_sharegpt(("human", "q"), ("function_call", '{"name": "f", "arguments": {city: 1}}'), ("observation", "r"),
-               ("gpt", "a")), "sharegpt", "conversations[1].value", "the function call is not valid JSON"),
+               ("gpt", "a")), "sharegpt", "conversations[1].value", "invalid JSON in the function call (Expecting property name"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [
         {"type": "function", "function": {"name": "f", "arguments": "{'city': 'Paris'}"}}]}]},
-     "openai", "messages[1].tool_calls[0].function.arguments", "the arguments is not valid JSON"),
+     "openai", "messages[1].tool_calls[0].function.arguments", "invalid JSON in the arguments"),
     (_sharegpt(("human", "q"), ("function_call", '{"name": "f", "arguments": [1, 2]}'), ("observation", "r"),
                ("gpt", "a")), "sharegpt", "conversations[1].value.arguments",
      "the arguments are a list; expected a JSON object"),
@@ -288,7 +290,7 @@ def _sharegpt(*turns: tuple[str, object], **columns) -> dict:
      "unknown role 'function' (key 'role')"),
     (_sharegpt(("human", "q"), ("function_call", CALL), ("observation", "r")), "sharegpt", "conversations",
      "the conversation ends with a tool result"),
-    (_sharegpt(("human", "q"), ("gpt", "a"), tools="[{name: f}]"), "sharegpt", "tools", "the tools is not valid JSON"),
+    (_sharegpt(("human", "q"), ("gpt", "a"), tools="[{name: f}]"), "sharegpt", "tools", "invalid JSON in the tools"),
     (_sharegpt(("human", "q"), ("gpt", "a"), tools=[{"description": "no name"}]), "sharegpt", "tools[0]",
      "the tool definition has no name"),
 ], ids=["call-not-json", "arguments-not-json", "arguments-not-object", "call-without-name", "observation-first",

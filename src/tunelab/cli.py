@@ -37,6 +37,35 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Fine-tune large language models end to end.")
 
 
+def version_line() -> str:
+    """tunelab's version and those of the libraries a bug report needs, read without importing them (fast)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from tunelab import __version__
+
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    libraries = ", ".join(f"{name} {installed(name)}" for name in ("torch", "transformers", "peft", "accelerate"))
+    return f"tunelab {__version__} (Python {sys.version.split()[0]}; {libraries})"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(version_line())
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="Print the version (and torch's, transformers', ...) and exit.")
+                             ] = False) -> None:
+    """Fine-tune large language models end to end."""
+
+
 def _quiet_libraries() -> None:
     """transformers' per-load progress bars would bury our own output."""
     from transformers.utils import logging as hf_logging
@@ -97,8 +126,10 @@ def _generation_options(**defaults: Any) -> Callable[[Callable[..., Any]], Calla
     return decorate
 
 
-#: eval decodes greedily (scores depend on the model alone) and takes only the answer length.
-MaxNewTokens = _generation_flag("max_new_tokens")
+#: eval decodes deterministically (scores depend on the model alone): the answer length, stop strings and beams only.
+MaxNewTokens, StopStrings, NumBeams = (_generation_flag(name) for name in ("max_new_tokens", "stop", "num_beams"))
+#: predict and eval draw a progress bar on a terminal (never into a pipe or log file).
+Quiet = Annotated[bool, typer.Option(help="No progress bar.")]
 # Only the person running a command may let model code run; a run directory's config.yaml never can.
 TrustRemoteCode = Annotated[bool, typer.Option(
     "--trust-remote-code", help="Allow the base model's own Python code (auto_map) to run. Only for code you trust.")]
@@ -138,12 +169,14 @@ def train(
     if converted is not None:
         typer.secho(converted.notice(), fg=typer.colors.YELLOW, err=True)
         resume, overwrite = resume or converted.resume, overwrite or converted.overwrite
+        force = force or converted.overwrite  # LLaMA-Factory's overwrite_output_dir also writes into a non-run dir
     cfg = converted.config(overrides or []) if converted else load_config(config, overrides or [])
     result = run_stage(cfg, resume=resume, overwrite=overwrite, discard=discard, force=force,
                        allow_config_change=allow_config_change, progress=not quiet)
     state = "stopped (resume with --resume)" if result.interrupted else "done"
     eval_part = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
-    loss_part = f", train loss {result.final_loss:.4f}" if result.final_loss is not None else ""
+    loss_part = (f", train loss {result.mean_loss:.4f} (mean of the steps; last {result.final_loss:.4f})"
+                 if result.mean_loss is not None and result.final_loss is not None else "")
     typer.echo(f"{state}: {result.steps} steps in {result.wall_s:.1f}s{loss_part}{eval_part}, "
                f"{result.tokens_per_s:.0f} tokens/s, peak memory {result.peak_memory_bytes / 2**30:.2f} GiB "
                f"-> {result.run_dir}")
@@ -163,9 +196,10 @@ def chat(
     ] = None,
     trust_remote_code: TrustRemoteCode = False, *, options: GenerationOptions,
 ) -> None:
-    """Chat with a trained run (streaming, multi-turn). Type 'exit' to quit, 'clear' to start over."""
-    from tunelab.data.records import Message
-    from tunelab.inference import generate, load_run, stream as stream_answer
+    """Chat with a trained run (streaming, multi-turn). /help lists the commands, /exit or Ctrl-D quits,
+    Ctrl-C stops an answer."""
+    from tunelab.chat_repl import ChatSession, interactive
+    from tunelab.inference import load_run
     from tunelab.models.loader import remote_code_allowed
 
     if stream and options.num_beams > 1:
@@ -178,34 +212,13 @@ def chat(
     streaming = stream if stream is not None else options.num_beams == 1
     with remote_code_allowed(trust_remote_code):
         loaded = load_run(run)
-    history: list[Message] = [Message("system", system)] if system else []
-    interactive = prompt is None
-    while True:
-        if interactive:
-            try:
-                text = input("you> ").strip()
-            except EOFError:
-                break
-            if text in ("exit", "quit"):
-                break
-            if text == "clear":
-                history = history[:1] if system else []
-                continue
-            if not text:
-                continue
-            typer.echo("assistant> ", nl=False)
-        else:
-            text = prompt
-        history.append(Message("user", text))
-        answer = ""
-        for piece in stream_answer(loaded, history, options) if streaming else generate(loaded, [history], options):
-            answer += piece
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        history.append(Message("assistant", answer.strip()))
-        if not interactive:
-            break
+    session = ChatSession(loaded, options, streaming, system)
+    if prompt is None:
+        interactive(session)
+        return
+    session.answer(prompt)
+    if session.stopped:
+        raise typer.Exit(130)  # the shell's status for Ctrl-C: a script must not take a cut answer for a whole one
 
 
 @app.command()
@@ -217,6 +230,7 @@ def predict(
     out: Annotated[Path, typer.Option(help="Output .jsonl: prompt, prediction, reference per record.")],
     batch_size: Annotated[int, typer.Option(help="Prompts generated together.")] = 8,
     max_samples: Annotated[Optional[int], typer.Option(help="Only the first N records.")] = None,
+    quiet: Quiet = False,
     trust_remote_code: TrustRemoteCode = False, *, options: GenerationOptions,
 ) -> None:
     """Generate an answer for every record of a dataset file."""
@@ -224,7 +238,8 @@ def predict(
     from tunelab.predict import predict_file
 
     with remote_code_allowed(trust_remote_code):
-        count = predict_file(run, data, out, options, batch_size=batch_size, max_samples=max_samples)
+        count = predict_file(run, data, out, options, batch_size=batch_size, max_samples=max_samples,
+                             progress=not quiet)
     typer.echo(f"wrote {count} predictions to {out}")
 
 
@@ -264,7 +279,10 @@ def evaluate(
     max_samples: Annotated[Optional[int], typer.Option(help="Evaluate at most N records (per subject).")] = None,
     batch_size: Annotated[int, typer.Option(help="Records per forward/generation batch.")] = 8,
     max_new_tokens: MaxNewTokens = 128,
+    stop: StopStrings = [],  # noqa: B006 - typer reads the default, never mutates it
+    num_beams: NumBeams = 1,
     chat_format: Annotated[bool, typer.Option(help="choice: ask through the chat template.")] = True,
+    quiet: Quiet = False,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Evaluate a run: perplexity, generation metrics (BLEU/ROUGE/exact match) or multiple choice."""
@@ -273,7 +291,7 @@ def evaluate(
 
     with remote_code_allowed(trust_remote_code):
         eval_main(run, task, data, compare_base, shots, max_samples, batch_size, max_new_tokens,
-                  chat_format=chat_format)
+                  chat_format=chat_format, stop=stop, num_beams=num_beams, progress=not quiet)
 
 
 @app.command("compare")
@@ -291,7 +309,8 @@ def compare_methods(
     results = compare(config, overrides or [], [m.strip() for m in methods.split(",") if m.strip()], out,
                       set_ or [], echo=typer.echo)
     typer.echo(markdown_table(results))
-    typer.echo(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'compare.png'}")
+    written = [out / name for name in ("compare.md", "compare.json", "compare.png") if (out / name).exists()]
+    typer.echo(f"wrote {', '.join(map(str, written))}")
 
 
 @app.command()

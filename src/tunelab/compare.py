@@ -19,6 +19,7 @@ from typing import Any
 from tunelab.config import load_config, save_config
 from tunelab.errors import ConfigError
 from tunelab.io import atomic_open, write_json, write_text
+from tunelab.train.monitor import NO_MATPLOTLIB, pyplot
 
 
 @dataclass
@@ -116,15 +117,14 @@ def markdown_table(results: list[MethodResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: list[MethodResult], target: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(results: list[MethodResult], target: Path) -> str | None:
+    """Draw the comparison into ``target``; a one-line notice when matplotlib (optional) is missing."""
     ok = [r for r in results if r.error is None]
     if not ok:
-        return
+        return None
+    plt = pyplot()
+    if plt is None:
+        return f"note: {target.name} skipped: {NO_MATPLOTLIB}"
     names = [r.method for r in ok]
     panels = [("eval loss (line: base)", [r.eval_loss or 0 for r in ok]),
               ("trainable params (%)", [r.trainable_percent or 0 for r in ok]),
@@ -143,6 +143,7 @@ def plot(results: list[MethodResult], target: Path) -> None:
     with atomic_open(target, "wb") as handle:
         fig.savefig(handle, format="png", dpi=100)
     plt.close(fig)
+    return None
 
 
 def compare(config: str | Path, overrides: list[str], methods: list[str], out_dir: str | Path,
@@ -176,7 +177,9 @@ def compare(config: str | Path, overrides: list[str], methods: list[str], out_di
             results.append(result)
             write_json(out / "compare.json", [asdict(r) for r in results])
     write_text(out / "compare.md", markdown_table(results))
-    plot(results, out / "compare.png")
+    skipped = plot(results, out / "compare.png")
+    if skipped:
+        echo(skipped)
     return results
 
 

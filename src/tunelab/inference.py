@@ -18,14 +18,14 @@ import queue
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from tunelab.config import ModelConfig, RunConfig
-from tunelab.data.records import Message
+from tunelab.data.records import Message, Tool
 from tunelab.data.templates import ChatTemplate, get_template
 from tunelab.errors import TunelabError
 from tunelab.generation_options import GenerationOptions
@@ -46,8 +46,9 @@ class LoadedRun:
     method: Method | None
     source: str
 
-    def render_prompt(self, messages: list[Message]) -> str:
-        return self.template.render(messages, add_generation_prompt=True)
+    def render_prompt(self, messages: list[Message], tools: list[Tool] | None = None) -> str:
+        """The text the model continues: ``messages`` (offered ``tools``) up to the assistant's turn."""
+        return self.template.render(messages, add_generation_prompt=True, tools=tools)
 
 
 def load_run(run_or_model: str | Path, device: torch.device | None = None) -> LoadedRun:
@@ -96,9 +97,15 @@ def stop_token_ids(loaded: LoadedRun) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def generate(loaded: LoadedRun, conversations: list[list[Message]], options: GenerationOptions) -> list[str]:
-    """Answer each conversation (one left-padded batch); the answers without surrounding whitespace."""
-    rows = [GenerationRow(encode_prompt(loaded, messages), options) for messages in conversations]
+def generate(loaded: LoadedRun, conversations: list[list[Message]], options: GenerationOptions,
+             tools: Sequence[list[Tool] | None] | None = None) -> list[str]:
+    """Answer each conversation (one left-padded batch); the answers without surrounding whitespace.
+
+    ``tools``: the tool definitions offered in each conversation (None: none at all).
+    """
+    offered = tools if tools is not None else [None] * len(conversations)
+    rows = [GenerationRow(encode_prompt(loaded, messages, own), options)
+            for messages, own in zip(conversations, offered)]
     return [completion.text.strip() for completion in complete(loaded, rows)]
 
 
@@ -162,9 +169,9 @@ class Completion:
     completion_tokens: int  # generated tokens, including the one that ended the answer
 
 
-def encode_prompt(loaded: LoadedRun, messages: list[Message]) -> list[int]:
+def encode_prompt(loaded: LoadedRun, messages: list[Message], tools: list[Tool] | None = None) -> list[int]:
     """Token ids of the rendered prompt, tokenized exactly as :func:`generate` does."""
-    return loaded.tokenizer(loaded.render_prompt(messages), add_special_tokens=False)["input_ids"]
+    return loaded.tokenizer(loaded.render_prompt(messages, tools), add_special_tokens=False)["input_ids"]
 
 
 def sampling_key(options: GenerationOptions) -> tuple[Any, ...]:

@@ -20,12 +20,12 @@ the base weights take a far smaller step. A new stage-aware rule goes in :func:`
 
 from __future__ import annotations
 
-from tunelab.config import registered_methods
+from tunelab.errors import ConfigError
 
-#: Method type -> the family whose learning rate it shares. A type missing here (a method
-#: added later) falls back to "base_weights" or "low_rank" by ``Method.trains_base_weights``;
-#: tests/test_method_defaults.py insists every registered type is listed, so a new method
-#: gets a measured rate rather than a guess.
+#: Method type -> the family whose learning rate it shares. tests/test_method_defaults.py
+#: insists that every registered type is listed, so a new method gets a measured rate, not a
+#: guess. (This module sits beside config.py, which resolves ``auto`` through it: it reads no
+#: registry and imports no method.)
 LR_FAMILY: dict[str, str] = {
     "full": "base_weights", "freeze": "base_weights",
     "lora": "low_rank", "dora": "low_rank", "rslora": "low_rank", "qlora": "low_rank",
@@ -63,10 +63,11 @@ RL_LR: dict[str, float] = {"adapter": 5e-4, "base_weights": 1e-5}
 
 
 def lr_family(method_type: str) -> str:
-    """The family of ``method_type`` in :data:`LR_FAMILY` (a listed type, or by what it trains)."""
-    if method_type in LR_FAMILY:
-        return LR_FAMILY[method_type]
-    return "base_weights" if registered_methods()[method_type].trains_base_weights else "low_rank"
+    """The family of ``method_type`` in :data:`LR_FAMILY`."""
+    if method_type not in LR_FAMILY:
+        raise ConfigError(f"train.lr is auto, but method.type '{method_type}' has no learning-rate family in "
+                          "tunelab.method_defaults.LR_FAMILY. Set train.lr to a number for this method.")
+    return LR_FAMILY[method_type]
 
 
 def default_lr(method_type: str, stage: str) -> float:

@@ -246,7 +246,7 @@ def _parsed(row: RawRow, where: str, value: Any, what: str) -> Any:
     try:
         return json.loads(value)
     except ValueError as err:
-        _fail(row, where, f"{what} is not valid JSON ({err}): {value[:80]!r}.", hint=_TOOL_HINT)
+        _fail(row, where, f"invalid JSON in {what} ({err}): {value[:80]!r}.", hint=_TOOL_HINT)
 
 
 def _without_nulls(value: Any) -> Any:
@@ -324,7 +324,7 @@ def _allowed_next(previous: Message | None) -> tuple[Role, ...]:
     return ("tool", "assistant")
 
 
-def _order_problem(message: Message, previous: Message | None, allowed: tuple[Role, ...]) -> str:
+def _order_problem(message: Message, allowed: tuple[Role, ...]) -> str:
     if message.role == "tool":
         return ("a tool result (observation) that follows no function call; it must come right after the "
                 "assistant turn (function call) whose call it answers, or after another result.")
@@ -344,7 +344,7 @@ def _check_order(row: RawRow, column: str, turns: list[tuple[str, Message]]) -> 
     for where, message in turns[start:]:
         allowed = _allowed_next(previous)
         if message.role not in allowed:
-            _fail(row, where, _order_problem(message, previous, allowed))
+            _fail(row, where, _order_problem(message, allowed))
         previous = message
     if len(turns) == start:
         _fail(row, column, "the conversation has no user turn.")

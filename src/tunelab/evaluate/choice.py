@@ -39,6 +39,7 @@ from tunelab.evaluate.forward import chunks, eval_autocast, padded_batch
 from tunelab.evaluate.report import TaskResult
 from tunelab.inference import LoadedRun
 from tunelab.models.forward import hidden_states
+from tunelab.progress import track
 
 HEADER = "The following are multiple choice questions (with answers) about {subject}.\n\n"
 
@@ -118,14 +119,17 @@ def letter_targets(tokenizer: Any, text: str, continuations: list[str]) -> tuple
 
 
 @torch.no_grad()
-def letter_logprobs(loaded: LoadedRun, contexts: list[list[int]], targets: list[list[int]], batch_size: int
-                    ) -> list[list[float]]:
-    """``log P(target | context)`` for each context's targets: one forward per context, batched."""
+def letter_logprobs(loaded: LoadedRun, contexts: list[list[int]], targets: list[list[int]], batch_size: int,
+                    progress: str | None = None) -> list[list[float]]:
+    """``log P(target | context)`` for each context's targets: one forward per context, batched.
+
+    ``progress``: the label of a progress bar on the terminal (None: no bar).
+    """
     order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
     scores: dict[int, list[float]] = {}
     loaded.model.eval()
     with eval_autocast(loaded):
-        for group in chunks(order, batch_size):
+        for group in track(chunks(order, batch_size), progress, unit="question"):
             batch = padded_batch([Example(contexts[i], [IGNORE] * len(contexts[i])) for i in group], loaded)
             hidden, head = hidden_states(loaded.model, batch)
             last = torch.tensor([len(contexts[i]) - 1 for i in group], device=hidden.device)
@@ -157,7 +161,8 @@ def accuracy_report(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "subjects": {subject: _accuracy(flags) for subject, flags in sorted(by_subject.items())}}
 
 
-def choice_eval(loaded: LoadedRun, planned: list[PlannedQuestion], batch_size: int, chat_format: bool) -> TaskResult:
+def choice_eval(loaded: LoadedRun, planned: list[PlannedQuestion], batch_size: int, chat_format: bool,
+                progress: str | None = None) -> TaskResult:
     """Pick each question's most likely letter; accuracy overall and per subject, one row per question."""
     contexts, targets = [], []
     for item in planned:
@@ -166,6 +171,6 @@ def choice_eval(loaded: LoadedRun, planned: list[PlannedQuestion], batch_size: i
                                           answer_continuations(len(item.question.options), chat_format))
         contexts.append(context)
         targets.append(letters)
-    scores = letter_logprobs(loaded, contexts, targets, batch_size)
+    scores = letter_logprobs(loaded, contexts, targets, batch_size, progress)
     rows = [_row(item.question, logps) for item, logps in zip(planned, scores)]
     return TaskResult(accuracy_report(rows), rows)

@@ -31,6 +31,7 @@ from tunelab.errors import DataError
 from tunelab.evaluate.forward import chunks, eval_autocast, padded_batch
 from tunelab.evaluate.report import TaskResult
 from tunelab.inference import LoadedRun
+from tunelab.progress import track
 from tunelab.train.objectives import CausalLMObjective
 
 
@@ -56,8 +57,11 @@ def encode_for_perplexity(records: list[Record], loaded: LoadedRun) -> tuple[lis
 
 
 @torch.no_grad()
-def perplexity(loaded: LoadedRun, records: list[Record], batch_size: int) -> TaskResult:
-    """Token-level loss, perplexity and token counts of ``loaded.model`` on ``records``."""
+def perplexity(loaded: LoadedRun, records: list[Record], batch_size: int, progress: str | None = None) -> TaskResult:
+    """Token-level loss, perplexity and token counts of ``loaded.model`` on ``records``.
+
+    ``progress``: the label of a progress bar on the terminal (None: no bar).
+    """
     examples, stats = encode_for_perplexity(records, loaded)
     if not examples:
         raise DataError(f"none of the {len(records)} records has a token to score after tokenization "
@@ -67,7 +71,7 @@ def perplexity(loaded: LoadedRun, records: list[Record], batch_size: int) -> Tas
     loss_sum, tokens = 0.0, 0
     loaded.model.eval()
     with eval_autocast(loaded):
-        for group in chunks(order, batch_size):
+        for group in track(chunks(order, batch_size), progress, unit="example"):
             batch = padded_batch(group, loaded)
             loss, _ = objective.loss(loaded.model, batch)
             loss_sum += float(loss)

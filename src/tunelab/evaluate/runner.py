@@ -12,14 +12,14 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from tunelab.config import ModelConfig, RunConfig
 from tunelab.errors import ConfigError
 from tunelab.evaluate.choice import choice_eval, plan_questions
 from tunelab.evaluate.choice_data import load_choice_data
 from tunelab.evaluate.forward import model_device
-from tunelab.evaluate.generation import check_references, generation_eval
+from tunelab.evaluate.generation import check_references, eval_options, generation_eval
 from tunelab.evaluate.perplexity import load_perplexity_records, perplexity
 from tunelab.evaluate.report import TaskResult, deltas, output_stem, print_table, write_outputs
 from tunelab.inference import LoadedRun, load_run
@@ -28,7 +28,8 @@ from tunelab.predict import prompts_and_references
 from tunelab.runs import RunDir
 
 TASKS = ("perplexity", "generation", "choice")
-Evaluator = Callable[[LoadedRun], TaskResult]
+#: Scores one model on the prepared data; the second argument labels its progress bar (None: no bar).
+Evaluator = Callable[[LoadedRun, str | None], TaskResult]
 
 
 def run_config(run: str) -> RunConfig:
@@ -36,7 +37,8 @@ def run_config(run: str) -> RunConfig:
     return RunDir(run).read_config() if RunDir(run).is_run() else RunConfig(model=ModelConfig(name_or_path=str(run)))
 
 
-def _check_options(task: str, shots: int, max_samples: int | None, batch_size: int, max_new_tokens: int) -> None:
+def _check_options(task: str, shots: int, max_samples: int | None, batch_size: int, max_new_tokens: int,
+                   stop: Sequence[str], num_beams: int) -> None:
     if task not in TASKS:
         raise ConfigError(f"--task {task!r} is not a task; choose one of {', '.join(TASKS)}.")
     if shots < 0 or (shots and task != "choice"):
@@ -45,20 +47,25 @@ def _check_options(task: str, shots: int, max_samples: int | None, batch_size: i
         raise ConfigError(f"--max-samples {max_samples} must be positive (leave it out to use every record).")
     if batch_size <= 0 or max_new_tokens <= 0:
         raise ConfigError(f"--batch-size ({batch_size}) and --max-new-tokens ({max_new_tokens}) must be positive.")
+    if (stop or num_beams != 1) and task != "generation":
+        raise ConfigError(f"--stop and --num-beams shape generated answers, so they apply to --task generation only "
+                          f"(--task {task} scores the model's probabilities and generates nothing).")
+    eval_options(max_new_tokens, stop, num_beams)  # the generation options' own checks, before any loading
 
 
 def prepare(task: str, data: str, cfg: RunConfig, shots: int, max_samples: int | None, batch_size: int,
-            max_new_tokens: int, chat_format: bool) -> Evaluator:
+            max_new_tokens: int, chat_format: bool, stop: Sequence[str] = (), num_beams: int = 1) -> Evaluator:
     """Read and check the data now; return the function that scores one model on them."""
     if task == "perplexity":
         records = load_perplexity_records(data, cfg, max_samples)
-        return lambda loaded: perplexity(loaded, records, batch_size)
+        return lambda loaded, label: perplexity(loaded, records, batch_size, label)
     if task == "generation":
-        pairs = prompts_and_references(data, max_samples)
-        check_references(pairs, data)
-        return lambda loaded: generation_eval(loaded, pairs, batch_size, max_new_tokens)
+        prompts = prompts_and_references(data, max_samples)
+        check_references(prompts, data)
+        return lambda loaded, label: generation_eval(loaded, prompts, batch_size, max_new_tokens, stop, num_beams,
+                                                     label)
     planned = plan_questions(load_choice_data(data), shots, max_samples)
-    return lambda loaded: choice_eval(loaded, planned, batch_size, chat_format)
+    return lambda loaded, label: choice_eval(loaded, planned, batch_size, chat_format, label)
 
 
 @contextmanager
@@ -84,20 +91,27 @@ def base_model(loaded: LoadedRun) -> Iterator[LoadedRun]:
 
 
 def eval_main(run: str, task: str, data: str, compare_base: bool, shots: int, max_samples: int | None,
-              batch_size: int, max_new_tokens: int, chat_format: bool = True) -> dict[str, Any]:
-    """Evaluate ``run`` (a run directory or a bare model) on ``data``; print the table, write and return the result."""
-    _check_options(task, shots, max_samples, batch_size, max_new_tokens)
-    evaluate = prepare(task, data, run_config(run), shots, max_samples, batch_size, max_new_tokens, chat_format)
+              batch_size: int, max_new_tokens: int, chat_format: bool = True, stop: Sequence[str] = (),
+              num_beams: int = 1, progress: bool = False) -> dict[str, Any]:
+    """Evaluate ``run`` (a run directory or a bare model) on ``data``; print the table, write and return the result.
+
+    ``stop``/``num_beams``: how generated answers end and are searched (``--task generation``);
+    ``progress``: show a bar on the terminal per model scored.
+    """
+    _check_options(task, shots, max_samples, batch_size, max_new_tokens, stop, num_beams)
+    evaluate = prepare(task, data, run_config(run), shots, max_samples, batch_size, max_new_tokens, chat_format,
+                       stop, num_beams)
     loaded = load_run(run)
-    tuned = evaluate(loaded)
+    tuned = evaluate(loaded, (f"{task} (tuned)" if compare_base else task) if progress else None)
     base: TaskResult | None = None
     if compare_base:
         with base_model(loaded) as reference:
-            base = evaluate(reference)
+            base = evaluate(reference, f"{task} (base)" if progress else None)
     result: dict[str, Any] = {
         "task": task, "run": str(run), "data": str(data), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "settings": {"shots": shots, "max_samples": max_samples, "batch_size": batch_size,
-                     "max_new_tokens": max_new_tokens, "chat_format": chat_format},
+                     "max_new_tokens": max_new_tokens, "chat_format": chat_format, "stop": list(stop),
+                     "num_beams": num_beams},
         "tuned": tuned.metrics}
     if base is not None:
         result.update(base=base.metrics, base_model=loaded.cfg.model.name_or_path,

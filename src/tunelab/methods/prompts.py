@@ -50,12 +50,14 @@ if TYPE_CHECKING:
 #: Full trainable state of the prompt encoder, next to PEFT's own files.
 TRAINABLE_FILE = "tunelab_trainable.safetensors"
 
-#: The text virtual tokens start from unless ``prompt_init_text`` says otherwise. Measured on
-#: SmolLM2-135M-Instruct (``benchmarks/neutral_text.py``): written before the identity eval
-#: questions it changes the base's answer-token distribution least among the texts tried
-#: (KL to the base NEUTRAL_KL), while repeated special tokens (end-of-text, ``<|im_start|>``)
-#: or a newline shift it 4-8 times more. Plain text, so it suits any tokenizer.
-NEUTRAL_INIT_TEXT = "Below is a conversation between a user and a helpful assistant.\n"
+#: The text virtual tokens start from unless ``prompt_init_text`` says otherwise: a plain,
+#: content-free preamble, so it suits any tokenizer and asks nothing of the model. Measured on
+#: SmolLM2-135M-Instruct (``python benchmarks/neutral_text.py``): written before 32 identity and
+#: general questions it moves the base's answer-token distribution by KL 0.09 nats/token (top-1
+#: token unchanged at 84%); other plain sentences measured 0.08-0.11, while repeated special
+#: tokens or whitespace (what "neutral" might suggest: end-of-text, <|im_start|>, a newline)
+#: moved it 0.36-0.69.
+NEUTRAL_INIT_TEXT = "The following is a conversation.\n"
 
 #: Keys several prompt configs share without sharing a parent: declared once, used by each.
 PromptInitText = Annotated[str | None, Field(

@@ -101,7 +101,8 @@ def _snapshot(repo_id: str, revision: str | None, gguf_file: str | None, cache_d
             reason = ("it is not (completely) in the hub cache, and HF_HUB_OFFLINE=1 forbids downloading it. Run "
                       f"once with network access (unset HF_HUB_OFFLINE), or `hf download {repo_id}`")
         else:
-            reason = (f"it is not (completely) in the hub cache, and the hub cannot be reached ({err}). Check the "
+            cause = str(err.__cause__ or err).strip().splitlines()[0]
+            reason = (f"it is not (completely) in the hub cache, and the hub cannot be reached ({cause}). Check the "
                       "network connection")
         raise TunelabError(f"{tried}: {reason}; or set HF_HOME / HF_HUB_CACHE to the cache that holds it "
                            f"(this process reads {cache_dir}).") from None

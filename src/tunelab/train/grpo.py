@@ -148,6 +148,7 @@ class GRPOTrainer(RunTrainer):
 
     def _score(self, examples: list[PromptExample], rollout: Rollout, ids: list[list[int]]) -> torch.Tensor:
         prompts, completions = self._reward_inputs(examples, rollout)
+        # The record's reference answer, where the data layer keeps it on the prompt example.
         answers = [getattr(e, "answer", None) for e in examples]
         columns = {"solution": answers} if any(a is not None for a in answers) else {}
         return score_rewards(self.rewards, prompts, completions, ids, columns)

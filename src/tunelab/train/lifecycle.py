@@ -74,6 +74,9 @@ class TrainResult:
     peak_memory_bytes: int
     wall_s: float
     last_metrics: dict[str, Any] = field(default_factory=dict)
+    #: Mean training loss over the steps this invocation ran, each weighted by its tokens (what
+    #: the run learned on the whole; ``final_loss`` is one step's, and noisy).
+    mean_loss: float | None = None
 
 
 @dataclass
@@ -464,6 +467,7 @@ class RunTrainer:
             self._status(step=self.state.step, total_steps=self.total_steps)
             started = time.perf_counter()
             window_start, window_tokens, total_tokens = started, 0, 0
+            loss_tokens, weighted_loss = 0, 0.0
             last: dict[str, Any] = {}
             interrupted = False
             with StopFlag() as stop:
@@ -473,6 +477,9 @@ class RunTrainer:
                     self.state.tokens_seen += out.tokens
                     window_tokens += out.tokens
                     total_tokens += out.tokens
+                    if "loss" in out.row:
+                        loss_tokens += out.tokens
+                        weighted_loss += float(out.row["loss"]) * out.tokens
                     monitor.advance()
                     step = self.state.step
                     if step % t.log_every == 0 or step == self.total_steps:
@@ -499,7 +506,8 @@ class RunTrainer:
             eval_loss=final_eval.get("eval_loss"), interrupted=interrupted,
             trainable_params=self.trainable_params, total_params=self.total_params,
             tokens_per_s=total_tokens / max(wall, 1e-9), peak_memory_bytes=peak_memory_bytes(self.device),
-            wall_s=wall, last_metrics={**baseline, **last, **final_eval})
+            wall_s=wall, last_metrics={**baseline, **last, **final_eval},
+            mean_loss=weighted_loss / loss_tokens if loss_tokens else None)
 
     def _log_eval(self, monitor: Monitor) -> dict[str, float]:
         result = self.evaluate()

@@ -61,21 +61,38 @@ class Monitor:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
-            plot_metrics(self.run)
+            skipped = plot_metrics(self.run)
+            if skipped:
+                print(skipped, file=sys.stderr)
+                self.run.append_log(skipped)
 
 
-def plot_metrics(run: RunDir) -> None:
-    """Draw train (and eval) loss against step into the run's ``loss.png``."""
+#: Why a plot was not drawn: matplotlib is an optional extra (``tunelab[plot]``), not needed to train.
+NO_MATPLOTLIB = "matplotlib is not installed (pip install 'tunelab[plot]')"
+
+
+def pyplot() -> Any | None:
+    """matplotlib's pyplot, drawing to files only (the Agg backend), or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_metrics(run: RunDir) -> str | None:
+    """Draw train (and eval) loss against step into the run's ``loss.png``; a one-line notice if it cannot."""
     rows = run.read_metrics()
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     if not train and not evals:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+        return None
+    plt = pyplot()
+    if plt is None:
+        return f"note: {run.loss_plot.name} skipped: {NO_MATPLOTLIB}; metrics.jsonl has the numbers"
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="train loss", linewidth=1)
@@ -89,3 +106,4 @@ def plot_metrics(run: RunDir) -> None:
     with atomic_open(run.loss_plot, "wb") as handle:
         fig.savefig(handle, format="png", dpi=100)
     plt.close(fig)
+    return None

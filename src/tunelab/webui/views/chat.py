@@ -66,22 +66,27 @@ def build(services: Services, page: gr.Blocks) -> None:
             return
         options = GenerationOptions(max_new_tokens=int(settings[0]), temperature=settings[1], top_p=settings[2],
                                     top_k=int(settings[3]), repetition_penalty=settings[4], seed=int(settings[5]))
-        sides = [(left_history, run_id if left_model == TUNED else BASE)]
-        if right_model != NONE:
-            sides.append((right_history, right_model))
-        answers = [list(history) for history, _ in sides]
-        for history in answers:
-            history += [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+        models = [run_id if left_model == TUNED else BASE] + ([right_model] if right_model != NONE else [])
+        histories = [list(left_history or []), list(right_history or [])]
+        answers = ["", ""]
+
+        def shown(note: str = "") -> tuple[Any, ...]:
+            """Fresh lists on every update: Gradio streams each one as a difference from the one before."""
+            boxes = [[*history, {"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+                     if index < len(models) else history
+                     for index, (history, answer) in enumerate(zip(histories, answers))]
+            return boxes[0], boxes[1], "", note
+
         try:
-            for index, (_, choice) in enumerate(sides):
-                asked = to_messages(answers[index][:-1], system_prompt)
+            for index, choice in enumerate(models):
+                asked = to_messages([*histories[index], {"role": "user", "content": text}], system_prompt)
                 for piece in services.chat.stream(run_id, choice, asked, options):
-                    answers[index][-1]["content"] += piece
-                    yield answers[0], answers[1] if len(answers) > 1 else right_history, "", ""
+                    answers[index] += piece
+                    yield shown()
         except TunelabError as err:
-            yield answers[0], answers[1] if len(answers) > 1 else right_history, "", f"**error:** {err}"
+            yield shown(f"**error:** {err}")
             return
-        yield answers[0], answers[1] if len(answers) > 1 else right_history, "", ""
+        yield shown()
 
     gr.on([page.load, refresh.click, run.focus, run.input], runs_changed, run, [run, right])
     prompt.submit(send, [prompt, run, left, right, left_box, right_box, system, max_new_tokens, temperature, top_p,

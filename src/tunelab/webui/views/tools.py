@@ -164,7 +164,7 @@ def build_compare(services: Services, page: gr.Blocks, train_yaml: gr.Code) -> N
     gr.Markdown("Trains every listed method on the job below (same data, steps and seed) and tabulates cost and "
                 "gain. The config starts as the Train tab's; it needs an eval set (data.eval or data.eval_split).")
     config = gr.Code(language="yaml", label="config (the job every method runs)", interactive=True,
-                     max_lines=CODE_LINES, elem_id="compare-config")
+                     lines=12, max_lines=CODE_LINES, elem_id="compare-config")
     copy = gr.Button("Use the Train tab's config", elem_id="compare-copy")
     copy.click(lambda text: text, train_yaml, config)
     default_out = services.runs.runs_dir / "compare"

@@ -90,9 +90,9 @@ def build(services: Services) -> gr.Code:
     start_tree = config_tree({}, first["method.type"], first["stage"])
     with gr.Row():
         yaml_box = gr.Code(to_yaml(start_tree), label="run.yaml", language="yaml", interactive=False,
-                           max_lines=CODE_LINES, elem_id="train-yaml")
+                           lines=12, max_lines=CODE_LINES, elem_id="train-yaml")
         command = gr.Code(cli_command(start_tree), label="equivalent command", language="shell", interactive=False,
-                          max_lines=CODE_LINES, elem_id="train-cli")
+                          lines=12, max_lines=CODE_LINES, elem_id="train-cli")
 
     inputs = [method, stage, *widgets]
 
@@ -176,7 +176,9 @@ def build(services: Services) -> gr.Code:
     for control in (method, stage):
         control.input(switch, [chosen, *inputs], [*widgets, *[box for _, box in section_boxes], chosen]) \
             .then(show_yaml, inputs, [yaml_box, command])
-    gr.on([w.input for w in widgets], show_yaml, inputs, [yaml_box, command])
+    # always_last: typing while the YAML is being made must still end with the YAML of the last keystroke
+    gr.on([w.input for w in widgets], show_yaml, inputs, [yaml_box, command], trigger_mode="always_last",
+          show_progress="hidden")
     preview_button.click(show_preview, inputs, [samples, message])
     estimate_button.click(show_estimate, inputs, [memory, message])
     start_button.click(start, [name, *inputs], [last_run, message])
