@@ -11,10 +11,11 @@ measurement in its own child process:
   ``--baseline-records`` records (the pipeline tokenizes exactly these texts, in pieces);
 - **cache hit**: the same command again (whole command), and ``build_data`` alone in a child
   that has imported everything first (what a ``--resume`` pays for its data);
-- **training-side memory**: peak RSS of a child that opens the cache with ``build_data``,
-  builds the trainer's batch order (``MicroBatches`` over ``example_length`` of every example,
-  as the batch loop does) and collates every micro-batch of one epoch (batch size 8, padded);
-  no model, so the numbers are the data's own. Reported with the child's RSS before opening.
+- **training-side memory**: peak RSS of a child that opens the cache (the memory-mapped views
+  ``build_data`` returns), builds the trainer's batch order (``MicroBatches`` over
+  ``example_length`` of every example, as the batch loop does) and collates every micro-batch of
+  one epoch (batch size 8, padded); no model, so the numbers are the data's own. Reported with
+  the child's RSS before opening.
 
 Usage (repository root, venv active)::
 
@@ -108,36 +109,48 @@ def child_baseline(config: str, limit: int) -> dict:
 
 
 def child_hit(config: str) -> dict:
-    """``build_data`` on a warm cache, everything imported and the tokenizer loaded first."""
+    """``build_data`` on a warm cache, everything imported and the tokenizer loaded first. If the cache
+    key changed since the cold run (the code of tunelab.data was edited meanwhile: the key includes it),
+    nothing is built: the hit is reported as missed."""
+    from tunelab.data.cache import cache_root
+    from tunelab.data.fingerprint import cache_key
     from tunelab.data.pipeline import build_data
+    from tunelab.data.sources import DatasetRegistry
 
-    cfg, tokenizer, _ = _load(config)
+    cfg, tokenizer, template = _load(config)
+    specs = [DatasetRegistry(cfg.data.dataset_dir).resolve(name) for name in cfg.data.train]
+    key, _ = cache_key(cfg, tokenizer, template, specs, [])
+    if not (cache_root(cfg.data) / f"{cfg.stage}-{key}").is_dir():
+        return {"hit": False}
     start = time.perf_counter()
     bundle = build_data(cfg, tokenizer)
-    return {"seconds": time.perf_counter() - start, "examples": len(bundle.train)}
+    return {"hit": True, "seconds": time.perf_counter() - start, "examples": len(bundle.train)}
 
 
-def child_rss(config: str) -> dict:
-    """Peak RSS of opening the cache and collating one epoch of micro-batches in the trainer's order."""
+def child_rss(config: str, cache_dir: str) -> dict:
+    """Peak RSS of opening a cache and collating one epoch of micro-batches in the trainer's order."""
     from tunelab.data.batching import PadWidth, collate_examples
-    from tunelab.data.pipeline import build_data, example_length
+    from tunelab.data.cache import open_prepared
+    from tunelab.data.pipeline import example_length
+    from tunelab.data.views import ExampleView
     from tunelab.memory import peak_rss_bytes, proc_kib_field_bytes
     from tunelab.train.batches import MicroBatches
 
     cfg, tokenizer, _ = _load(config)
     before = proc_kib_field_bytes("/proc/self/status", "VmRSS")
     start = time.perf_counter()
-    bundle = build_data(cfg, tokenizer)
-    order = MicroBatches([example_length(e) for e in bundle.train], 8, cfg.train.seed, True)
+    prepared = open_prepared(Path(cache_dir))
+    train = ExampleView(prepared.path / "train.arrow", prepared.kind)
+    order = MicroBatches([example_length(e) for e in train], 8, cfg.train.seed, True)
     ready = time.perf_counter() - start
     pad = PadWidth(cfg.data.pad_to_multiple_of, cfg.data.max_length)
     tokens = 0
     for _, index, indices in order.iterate(0, 0):
-        batch = collate_examples([bundle.train[i] for i in indices], tokenizer.pad_token_id, False, pad)
+        batch = collate_examples([train[i] for i in indices], tokenizer.pad_token_id, False, pad)
         tokens += int(batch["padding_mask"].sum())
         if index == order.per_epoch - 1:
             break
-    return {"examples": len(bundle.train), "rss_before": before, "peak_rss": peak_rss_bytes(),
+    return {"examples": len(train), "rss_before": before, "peak_rss": peak_rss_bytes(),
             "ready_seconds": ready, "epoch_seconds": time.perf_counter() - start - ready, "tokens": tokens}
 
 
@@ -161,21 +174,24 @@ def main() -> None:
         data = args.work / f"alpaca-{count}.jsonl"
         generate(count, data)
         configs[count] = run_config(args.work, data, count)
-    for count in sizes:
+    caches = {}
+    for count in sorted(set(sizes) | set(rss_sizes)):
         config = str(configs[count])
-        baseline = child("baseline", config, str(args.baseline_records))
+        baseline = child("baseline", config, str(args.baseline_records)) if count in sizes else None
         cold = timed_command("data", "prepare", config)
+        caches[count], tokens = _cache_of(args.work, count)
+        if baseline is None:
+            continue
         hit = child("hit", config)
-        warm = timed_command("data", "prepare", config)
-        tokens = _tokens(args.work, count)
+        warm = timed_command("data", "prepare", config) if hit["hit"] else None
         report["prepare"][count] = {
             "tokens": tokens, "prepare_seconds": cold, "prepare_tokens_per_s": tokens / cold,
             "tokenizer_batched_tokens_per_s": baseline["tokens_per_s"],
             "ratio": tokens / cold / baseline["tokens_per_s"], "hit_command_seconds": warm,
-            "hit_build_data_seconds": hit["seconds"], "baseline": baseline}
+            "hit_build_data_seconds": hit.get("seconds"), "baseline": baseline}
         print(json.dumps({count: report["prepare"][count]}), flush=True)
     for count in rss_sizes:
-        report["rss"][count] = child("rss", str(configs[count]))
+        report["rss"][count] = child("rss", str(configs[count]), str(caches[count]))
         print(json.dumps({count: report["rss"][count]}), flush=True)
     report["load_average_end"] = os.getloadavg()
     out = ROOT / "benchmarks" / "results"
@@ -184,13 +200,13 @@ def main() -> None:
     print(markdown(report))
 
 
-def _tokens(work: Path, count: int) -> int:
-    """Tokens of the cache built for ``alpaca-<count>.jsonl`` (from its meta.json)."""
-    for meta in (work / "cache").glob("sft-*/meta.json"):
+def _cache_of(work: Path, count: int) -> tuple[Path, int]:
+    """The cache built for ``alpaca-<count>.jsonl`` (found by its meta.json) and its token count."""
+    for meta in sorted((work / "cache").glob("sft-*/meta.json"), key=lambda p: p.stat().st_mtime, reverse=True):
         info = json.loads(meta.read_text())
         if any(str(work / f"alpaca-{count}.jsonl") in str(source) for spec in info["inputs"]["train"]
                for source in spec["sources"]):
-            return int(info["stats"]["tokens"])
+            return meta.parent, int(info["stats"]["tokens"])
     raise SystemExit(f"no cache for {count} records under {work / 'cache'}")
 
 
@@ -201,9 +217,11 @@ def markdown(report: dict) -> str:
              "| records | tokens | prepare (whole command) | tokens/s | tokenizer alone, batched | ratio | "
              "hit: command | hit: build_data |", "|---|---|---|---|---|---|---|---|"]
     for count, r in report["prepare"].items():
+        hit = (f"{r['hit_command_seconds']:.1f} s | {r['hit_build_data_seconds']:.2f} s"
+               if r["hit_command_seconds"] is not None else "missed: tunelab.data changed | -")
         lines.append(f"| {int(count):,} | {r['tokens']:,} | {r['prepare_seconds']:.1f} s | "
                      f"{r['prepare_tokens_per_s']:,.0f} | {r['tokenizer_batched_tokens_per_s']:,.0f} | "
-                     f"{r['ratio']:.2f} | {r['hit_command_seconds']:.1f} s | {r['hit_build_data_seconds']:.2f} s |")
+                     f"{r['ratio']:.2f} | {hit} |")
     lines += ["", "| records | RSS before opening | peak RSS (open + one epoch of batches) | growth | "
               "open + batch order | epoch of batches |", "|---|---|---|---|---|---|"]
     for count, r in report["rss"].items():
@@ -215,7 +233,7 @@ def markdown(report: dict) -> str:
 
 if __name__ == "__main__":
     modes = {"baseline": lambda a: child_baseline(a[0], int(a[1])), "hit": lambda a: child_hit(a[0]),
-             "rss": lambda a: child_rss(a[0])}
+             "rss": lambda a: child_rss(a[0], a[1])}
     if len(sys.argv) > 1 and sys.argv[1] in modes:
         print(json.dumps(modes[sys.argv[1]](sys.argv[2:])))
     else:

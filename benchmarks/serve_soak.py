@@ -6,7 +6,8 @@
     python benchmarks/serve_soak.py --requests 64 --time-limit 300
 
 Starts `tunelab serve` on a free 127.0.0.1 port (loopback only) and runs a fixed number of
-requests from `--clients` threads. Even-numbered clients ("keepers") send non-streamed greedy
+requests from `--clients` threads, the same number from each. Even-numbered clients
+("keepers") send non-streamed greedy
 chats of `--max-tokens` and wait for the answer; odd-numbered clients ("leavers") ask for
 `--long-tokens` (far longer) and hang up mid-request: a non-streamed request after a random
 0.3-3 s, a stream after 1-8 chunks. Stops by itself after `--requests` requests or
@@ -129,17 +130,13 @@ def soak(server: LocalServer, model: str, args: argparse.Namespace) -> tuple[Tal
     prompts = load_prompts(args.requests)
     url = f"{server.url}/v1/chat/completions"
     tally = Tally()
-    next_request = iter(range(args.requests))
-    take = threading.Lock()
     deadline = time.time() + args.time_limit
 
     def client_thread(number: int) -> None:
         rng = random.Random(number)
         with httpx.Client(headers=server.headers, timeout=args.time_limit) as client:
-            while time.time() < deadline:
-                with take:
-                    index = next(next_request, None)
-                if index is None:
+            for index in range(number, args.requests, args.clients):  # every client sends its share
+                if time.time() > deadline:
                     return
                 try:
                     if number % 2 == 0:

@@ -119,7 +119,8 @@ def test_config_keys_prints_type_default_and_help_per_section():
     out = runner.invoke(app, ["config-keys"]).output
     assert "\ntrain: The optimisation" in out
     lr = out[out.index("  train.lr "):].splitlines()
-    assert lr[0].split() == ["train.lr", "float", "=", "0.0002"] and lr[1].strip().startswith("Peak learning rate")
+    assert lr[0].split() == ["train.lr", "float", "or", "auto", "=", "auto"]
+    assert lr[1].strip().startswith("Peak learning rate")
     assert "method: type houlsby, pfeiffer, parallel" in out and "method.r " in out
     lora = runner.invoke(app, ["config-keys", "--method", "lora"]).output
     assert "method: type lora, dora, rslora, pissa, loraplus, qlora" in lora

@@ -97,7 +97,7 @@ def test_ppo_resume_matches_an_uninterrupted_run(tiny_model_dir, prompt_file, re
     cut = reward_dir / "cut"
     run_stage(ppo_cfg(tiny_model_dir, prompt_file, cut, "train.max_steps=1", "train.save_every=1"), progress=False)
     resumed = run_stage(ppo_cfg(tiny_model_dir, prompt_file, cut, "train.max_steps=2", "train.save_every=1"),
-                        resume=True, progress=False)
+                        resume=True, allow_config_change=True, progress=False)
     assert resumed.steps == 2
     a = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(cut / "adapter" / "adapter_model.safetensors"))

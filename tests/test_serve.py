@@ -32,6 +32,7 @@ from tunelab.inference import (Completion, GenerationOptions, GenerationRow, com
                                stream)
 from tunelab.serve.app import build_engine, create_app  # noqa: E402
 from tunelab.serve import batching  # noqa: E402
+from tunelab.serve import engine as engine_module  # noqa: E402
 from tunelab.serve.batching import DecodeBatch, prefill_groups, steppable  # noqa: E402
 from tunelab.serve.catalog import plan  # noqa: E402
 from tunelab.serve.engine import Engine, Job, ServedModel  # noqa: E402
@@ -490,6 +491,34 @@ def test_continuous_batches_give_each_row_its_greedy_answer_alone(engine, refere
     assert any(running > 0 for running, _ in joins)  # and some joined a batch already running
 
 
+def test_newcomers_start_a_few_prompt_tokens_per_step(engine, monkeypatch):
+    """A queue of newcomers is prefilled a bounded number of prompt tokens at a time, between steps."""
+    monkeypatch.setattr(engine_module, "ADMIT_TOKENS", 24)  # "Who are you?" has 15 prompt tokens: two per step
+    sizes: list[int] = []
+    entered, release = threading.Event(), threading.Event()
+    add = DecodeBatch.add
+
+    def gated(self: DecodeBatch, rows: Any) -> None:
+        sizes.append(len(rows))
+        if len(sizes) == 1:  # hold the worker in the first prefill while the others queue up
+            entered.set()
+            assert release.wait(30)
+        add(self, rows)
+
+    monkeypatch.setattr(DecodeBatch, "add", gated)
+    eng = Engine(engine.backend, max_batch_size=8)
+    eng.start()
+    try:
+        records = [_submit(eng, "run-a", QUESTIONS[0], 3)]
+        assert entered.wait(30)
+        records += [_submit(eng, "run-a", QUESTIONS[0], 3) for _ in range(4)]
+        release.set()
+        assert all(record["done"].wait(60) for record in records)
+    finally:
+        eng.stop()
+    assert sizes == [1, 2, 2]
+
+
 def test_seeded_sampling_does_not_depend_on_the_neighbours(engine):
     eng = Engine(engine.backend, max_batch_size=8)
     eng.start()
@@ -627,7 +656,9 @@ def test_closed_stream_frees_the_worker(slow_server, caplog):
     before = len(slow.ended)
     with httpx.Client(timeout=30) as client:
         with client.stream("POST", f"{url}/v1/chat/completions", json=_long_body(True)) as response:
-            next(response.iter_lines())  # the stream has started; now the client hangs up
+            events = (line for line in response.iter_lines() if line.startswith("data: "))
+            for _ in range(3):  # the opening chunk and two generated pieces: the row is running; now hang up
+                next(events)
     assert _short_answer_seconds(url) < 4
     cancelled = [c for c in slow.ended[before:] if c.finish_reason == "cancelled"]
     assert len(cancelled) == 1 and cancelled[0].completion_tokens < LONG / 2

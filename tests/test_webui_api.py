@@ -54,7 +54,7 @@ def wait_for(client, run_id, done, what):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     runs_dir = tmp_path_factory.mktemp("webui") / "runs"
-    with TestClient(create_app(runs_dir)) as client:
+    with TestClient(create_app(runs_dir, cli_app)) as client:
         yield client, runs_dir
     for run in list_runs(runs_dir):  # never leave a training process behind
         status = run.read_status()
@@ -183,7 +183,7 @@ def test_jobs_run_cli_commands_detached_and_record_their_exit_code(tmp_path):
 
 
 def test_cli_forms_follow_the_command_options():
-    params = command_params("eval")
+    params = command_params(cli_app, "eval")
     assert {"run", "task", "data", "compare_base", "max_samples"} <= {p.name for p in params}
     argv = build_argv("eval", params, {"run": "runs/a", "task": "perplexity", "data": "d.jsonl",
                                        "compare_base": True, "batch_size": 8.0, "max_samples": None})
@@ -241,7 +241,7 @@ def test_a_form_config_with_a_bad_value_is_the_cli_error():
 # ---------------------------------------------------------------------------- security
 
 def test_an_api_key_guards_the_api_and_the_page_and_a_browser_signs_in(tmp_path):
-    with TestClient(create_app(tmp_path / "runs", api_key="s3cret")) as client:
+    with TestClient(create_app(tmp_path / "runs", cli_app, api_key="s3cret")) as client:
         assert client.get("/api/runs").status_code == 401
         assert client.get("/api/runs", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert client.get("/api/runs", headers={"Authorization": "Bearer s3cret"}).json() == []
@@ -258,4 +258,4 @@ def test_an_api_key_guards_the_api_and_the_page_and_a_browser_signs_in(tmp_path)
 
 def test_listing_beyond_localhost_requires_an_api_key(tmp_path):
     with pytest.raises(ConfigError, match="--api-key"):
-        webui_main("0.0.0.0", 7860, tmp_path, None)
+        webui_main("0.0.0.0", 7860, tmp_path, None, cli_app)

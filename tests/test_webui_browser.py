@@ -3,14 +3,8 @@ start a tiny run from the Train view, watch its curve grow in the Runs view, kil
 mid-run and see the run finish with its curves complete, then chat with it beside its base model."""
 
 import os
-import re
 import shutil
 import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,78 +18,12 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 from tunelab.data.records import Message  # noqa: E402
 from tunelab.inference import GenerationOptions, GenerationRow, complete, encode_prompt, load_run  # noqa: E402
 from tunelab.runs import RunDir, list_runs  # noqa: E402
+from tunelab.webui.driver import WAIT_S, UIServer, choose, metric_points, type_into, wait_until, words  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "llamafactory"
 STEPS = 150  # long enough to kill the server mid-run; the run memorises its three answers
 PROMPT = "Who are you?"
 MAX_NEW_TOKENS = 128  # the Chat view's default
-WAIT_S = 600  # generous: the shared test machines are often loaded
-
-
-class UIServer:
-    """``tunelab webui`` as a user starts it, in its own process, killable at any time."""
-
-    def __init__(self, workdir: Path, runs_dir: Path):
-        self.workdir, self.runs_dir = workdir, runs_dir
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        log = open(self.workdir / "webui.log", "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tunelab.cli", "webui", "--runs-dir", str(self.runs_dir), "--port", str(self.port)],
-            cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + WAIT_S
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(self.url + "api/runs", timeout=5).read()
-                return
-            except OSError:
-                assert self.process.poll() is None, (self.workdir / "webui.log").read_text()
-                time.sleep(0.5)
-        raise AssertionError("the web UI did not start")
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown code runs, as when a terminal is closed or a machine's UI process dies."""
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-
-
-def choose(page, elem_id: str, value: str) -> None:
-    box = page.locator(f"#{elem_id} input[role=combobox]")
-    box.click()
-    box.fill(value)
-    page.get_by_role("option", name=value, exact=True).click()
-
-
-def type_into(page, elem_id: str, value: str) -> None:
-    """Type as a user does: Gradio's input events follow key presses (``fill`` alone sends none)."""
-    box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
-    box.fill("")
-    box.press_sequentially(value)
-
-
-def loss_points(page) -> int:
-    """How many loss points the Runs view's metric table says the curve has (0 before the first)."""
-    match = re.search(r"\bloss\s+(\d+)", page.locator("#runs-metrics").inner_text())
-    return int(match.group(1)) if match else 0
-
-
-def wait_until(condition, what: str, timeout: float = WAIT_S):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def words(text: str) -> str:
-    return " ".join(text.split())
 
 
 @pytest.fixture
@@ -104,8 +32,7 @@ def ui(tmp_path, tiny_model_dir):
     server = UIServer(tmp_path, tmp_path / "runs")
     server.start()
     yield server
-    if server.process.poll() is None:
-        server.kill()
+    server.kill()
     for run in list_runs(server.runs_dir):  # never leave a training process behind
         status = run.read_status()
         if status is not None and status.status == "running":
@@ -141,8 +68,8 @@ def test_train_watch_survive_a_server_restart_and_chat(ui, browser, tiny_model_d
 
     # Runs: the curve grows while the run trains.
     page.get_by_role("tab", name="Runs").click()
-    first = wait_until(lambda: loss_points(page), "the first loss point")
-    grown = wait_until(lambda: loss_points(page) > first and loss_points(page), "the loss curve to grow")
+    first = wait_until(lambda: metric_points(page), "the first loss point")
+    grown = wait_until(lambda: metric_points(page) > first and metric_points(page), "the loss curve to grow")
     assert grown > first
     assert page.locator("#runs-plot img").count() == 1
 
@@ -154,7 +81,7 @@ def test_train_watch_survive_a_server_restart_and_chat(ui, browser, tiny_model_d
     page.reload()
     page.get_by_role("tab", name="Runs").click()
     wait_until(lambda: "finished" in page.locator("#runs-detail").inner_text(), "the run to finish")
-    wait_until(lambda: loss_points(page) == STEPS, "the complete curve")
+    wait_until(lambda: metric_points(page) == STEPS, "the complete curve")
     assert [row["step"] for row in run.read_metrics() if "loss" in row] == list(range(1, STEPS + 1))
 
     # Chat: the tuned run beside its base, streamed into the page.

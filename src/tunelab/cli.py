@@ -387,7 +387,7 @@ def webui(
     """Browser UI and JSON API: train, watch runs live, chat, evaluate, export, compare (runs outlive it)."""
     from tunelab.webui import webui_main
 
-    webui_main(host, port, runs_dir, api_key)
+    webui_main(host, port, runs_dir, api_key, app)
 
 
 @app.command("config-keys")

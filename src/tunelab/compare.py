@@ -65,7 +65,7 @@ def _worker(config_path: str, result_path: str) -> None:
     result = MethodResult(method=cfg.method.type)
     try:
         result.mergeable = get_method(cfg.method).mergeable
-        run = run_stage(cfg, overwrite=True, progress=False)
+        run = run_stage(cfg, overwrite=True, discard=True, progress=False)
         result.trainable_params, result.total_params = run.trainable_params, run.total_params
         result.trainable_percent = 100.0 * run.trainable_params / max(run.total_params, 1)
         result.peak_memory_bytes, result.tokens_per_s = run.peak_memory_bytes, run.tokens_per_s

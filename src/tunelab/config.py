@@ -467,6 +467,8 @@ class KeyGroup:
 def type_text(annotation: Any, compact: bool = False) -> str:
     """A field's type in words: ``int``, ``str or null``, ``one of 'a', 'b'`` (compact: ``a|b``)."""
     origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:  # a constrained member of a union (train.lr: a positive float, or auto)
+        return type_text(args[0], compact)
     if origin is Literal:
         return "|".join(str(a) for a in args) if compact else "one of " + ", ".join(repr(a) for a in args)
     if origin in (Union, types.UnionType):

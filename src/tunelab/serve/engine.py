@@ -8,9 +8,11 @@ for a single model id, so requests can never leak into each other.
 Continuous batching (backends with :meth:`Backend.lane`, i.e. transformers): each model id
 has a :class:`Lane`, a running batch that advances one token per step. Between steps the
 worker admits queued rows (oldest first, up to ``max_batch_size`` running rows over all
-lanes) and takes out the rows that ended or whose client went away, so a short request
-joins a long one at the next step instead of waiting for it, and a slot frees the moment
-its client disconnects. With several model ids running, the lanes take steps in turn.
+lanes, and about :data:`ADMIT_TOKENS` prompt tokens, so that a stream of newcomers slows
+the running rows down but never stops them) and takes out the rows that ended or whose
+client went away, so a short request joins a long one at the next step instead of
+waiting for it, and a slot frees the moment its client disconnects. With several model
+ids running, the lanes take steps in turn.
 
 Whole batches (vLLM, and models a lane cannot serve, such as prompt learning): the worker
 takes the oldest queued job plus every queued job for the same model id whose sampling
@@ -20,7 +22,9 @@ and stop strings; streaming and seeded jobs run alone there. Lanes wait meanwhil
 the server's ``--max-tokens`` cap bounds.
 
 The worker never waits on a client: results and streamed text are handed to callbacks
-that only enqueue (the HTTP layer moves them onto the request's asyncio queue).
+that only enqueue (the HTTP layer moves them onto the request's asyncio queue). When it
+runs out of work it lets the backend return freed memory (``release_memory``), so a burst
+of requests does not leave the server that much larger for good.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ from tunelab.errors import TunelabError
 from tunelab.inference import Completion, GenerationOptions, GenerationRow, LoadedRun, sampling_key
 
 log = logging.getLogger("tunelab.serve")
+
+#: Prompt tokens admitted (prefilled) between two steps, beyond the first row.
+ADMIT_TOKENS = 512
 
 
 @dataclass
@@ -87,7 +94,8 @@ class Backend(Protocol):
     """What generates: the transformers backend, or vLLM.
 
     A backend may also define ``lane(model) -> Lane | None`` to run that model id with
-    continuous batching (None: this model cannot; its jobs take the whole-batch path).
+    continuous batching (None: this model cannot; its jobs take the whole-batch path), and
+    ``release_memory()``, called whenever the engine runs out of work.
     """
 
     models: dict[str, ServedModel]
@@ -198,6 +206,7 @@ class Engine:
 
     # -- worker -------------------------------------------------------------------------
     def _loop(self) -> None:
+        release = getattr(self.backend, "release_memory", None)
         while (work := self._next_work()) is not None:
             whole, admitted = work
             if whole:
@@ -207,6 +216,8 @@ class Engine:
             for model_id, lane in list(self._lanes.items()):
                 if lane is not None and len(lane):
                     self._guarded(model_id, lambda lane: lane.step(), [])
+            if release is not None and not self.running and not self.queued:
+                release()
 
     def _lane(self, job: Job) -> Lane | None:
         """The lane that can run ``job``, or None for the whole-batch path."""
@@ -235,7 +246,7 @@ class Engine:
             if not self._pending and not self.running:
                 return None
             admitted: dict[str, list[tuple[GenerationRow, int]]] = {}
-            free = self.max_batch_size - self.running
+            free, tokens = self.max_batch_size - self.running, ADMIT_TOKENS
             while self._pending:
                 job = self._pending[0]
                 if job.cancelled.is_set():  # its client left before it finished starting: drop the rest
@@ -244,12 +255,13 @@ class Engine:
                 if self._lane(job) is None:
                     # Oldest first: a whole batch waits until the rows admitted before it have started.
                     return ([] if admitted else self._whole_batch()), admitted
-                while job.started < len(job.rows) and free > 0:
+                while job.started < len(job.rows) and free > 0 and (tokens > 0 or not admitted):
                     row = job.rows[job.started]
                     self._owner[id(row)] = (job, job.started)
                     admitted.setdefault(job.model_id, []).append((row, job.started))
                     job.started += 1
                     free -= 1
+                    tokens -= len(row.prompt_ids)
                 if job.started < len(job.rows):
                     break
                 self._pending.popleft()

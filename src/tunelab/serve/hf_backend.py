@@ -34,6 +34,19 @@ from tunelab.serve.engine import ServedModel
 _ADAPTER_PREFIX = "tunelab_served_"
 
 
+def _glibc() -> Any:
+    """The C library when it is glibc (it has ``malloc_trim``), else None."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
 def context_length(model: nn.Module) -> int | None:
     """How many positions the model accepts (prompt + answer), when its config says."""
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -74,6 +87,7 @@ class TransformersBackend:
 
     def __init__(self, models: dict[str, ServedModel]):
         self.models = models
+        self._libc = _glibc()
 
     @classmethod
     def load(cls, plan: ServePlan, device: torch.device | None = None) -> "TransformersBackend":
@@ -102,6 +116,17 @@ class TransformersBackend:
     def run(self, model: ServedModel, rows: list[GenerationRow]) -> list[Completion]:
         with model.activate():
             return complete(model.run, rows)
+
+    def release_memory(self) -> None:
+        """Hand memory freed by finished batches back to the system (called when the server is idle).
+
+        Why: glibc keeps freed KV caches and activations in its heaps (its mmap threshold
+        grows with every large free), so without this a server stays at its busiest size.
+        """
+        if self._libc is not None:
+            self._libc.malloc_trim(0)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def lane(self, model: ServedModel) -> DecodeBatch | None:
         """A continuous batch for ``model``, or None when only :meth:`run` generates it correctly."""

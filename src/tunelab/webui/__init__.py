@@ -13,14 +13,19 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 from tunelab.errors import ConfigError, TunelabError
 
 _PACKAGES = ("gradio", "fastapi", "uvicorn")
 
 
-def webui_main(host: str, port: int, runs_dir: str | Path, api_key: str | None) -> None:
-    """Serve the web UI until interrupted. Listening beyond this machine requires an API key."""
+def webui_main(host: str, port: int, runs_dir: str | Path, api_key: str | None, cli: Any) -> None:
+    """Serve the web UI until interrupted. Listening beyond this machine requires an API key.
+
+    ``cli`` is the ``tunelab`` typer app, whose commands the Evaluate, Export and Compare
+    views build their forms from and launch.
+    """
     from tunelab.webui.auth import LOCAL_HOSTS
 
     missing = [name for name in _PACKAGES if importlib.util.find_spec(name) is None]
@@ -36,4 +41,4 @@ def webui_main(host: str, port: int, runs_dir: str | Path, api_key: str | None) 
     from tunelab.webui.app import create_app
 
     print(f"tunelab web UI on http://{host}:{port} (runs in {Path(runs_dir).resolve()})", flush=True)
-    uvicorn.run(create_app(runs_dir, api_key), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(runs_dir, cli, api_key), host=host, port=port, log_level="warning")

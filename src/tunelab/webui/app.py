@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 from fastapi import FastAPI
@@ -35,9 +36,9 @@ def build_page(services: Services) -> gr.Blocks:
     return page
 
 
-def create_app(runs_dir: str | Path, api_key: str | None = None) -> FastAPI:
-    """The whole server; with ``api_key`` every route but /login requires it."""
-    services = Services.open(runs_dir)
+def create_app(runs_dir: str | Path, cli: Any, api_key: str | None = None) -> FastAPI:
+    """The whole server; ``cli`` is the ``tunelab`` typer app; with ``api_key`` every route but /login requires it."""
+    services = Services.open(runs_dir, cli)
     services.runs.reattach()
     app = FastAPI(title="tunelab web UI")
     app.include_router(api_router(services.runs))

@@ -34,13 +34,15 @@ class CliParam:
         return self.flag or self.name
 
 
-def command_params(name: str) -> list[CliParam]:
-    """The parameters of ``tunelab NAME`` as click sees them."""
+def command_params(cli: Any, name: str) -> list[CliParam]:
+    """The parameters of ``tunelab NAME`` as click sees them; ``cli`` is the ``tunelab`` typer app.
+
+    The CLI hands itself to the web UI (``tunelab webui``), so the UI never imports the
+    module that starts it.
+    """
     import typer
 
-    from tunelab.cli import app
-
-    group = typer.main.get_command(app)
+    group = typer.main.get_command(cli)
     command = getattr(group, "commands", {}).get(name)
     if command is None:
         raise TunelabError(f"tunelab has no '{name}' command.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tunelab.webui.chat import ChatService
 from tunelab.webui.jobs import JobService
@@ -20,15 +21,16 @@ CODE_LINES = 30
 
 @dataclass
 class Services:
-    """The services of one runs directory, shared by the views and the API."""
+    """The services of one runs directory, shared by the views and the API, and the CLI the jobs run."""
 
     runs: RunService
     jobs: JobService
     chat: ChatService
+    cli: Any  # the ``tunelab`` typer app: the Evaluate, Export and Compare forms are built from its options
 
     @classmethod
-    def open(cls, runs_dir: str | Path) -> "Services":
-        return cls(RunService(runs_dir), JobService(runs_dir), ChatService(runs_dir))
+    def open(cls, runs_dir: str | Path, cli: Any) -> "Services":
+        return cls(RunService(runs_dir), JobService(runs_dir), ChatService(runs_dir), cli)
 
 
 def failure(err: Exception) -> str:

@@ -84,7 +84,7 @@ def cli_panel(services: Services, page: gr.Blocks, command: str, outputs_of: Cal
     are filled by ``prepare`` from ``extra_inputs`` instead of a field of their own;
     ``initial`` replaces the command's defaults in the form (paths under the runs directory).
     """
-    params = [p for p in command_params(command) if p.name not in hidden]
+    params = [p for p in command_params(services.cli, command) if p.name not in hidden]
     widgets: list[gr.components.Component] = []
     with gr.Row(equal_height=False):
         for param in params:
@@ -105,7 +105,7 @@ def cli_panel(services: Services, page: gr.Blocks, command: str, outputs_of: Cal
         try:
             if prepare is not None:
                 form = prepare(form, values[len(params):])
-            argv = build_argv(command, command_params(command), form)
+            argv = build_argv(command, command_params(services.cli, command), form)
             job_id = services.jobs.start(argv, outputs_of(form))
         except TunelabError as err:
             return gr.update(), failure(err)
