@@ -373,3 +373,24 @@ def test_an_unwritable_cache_directory_is_a_config_error(tmp_path, tokenizer):
     blocker.write_text("not a directory")
     with pytest.raises(ConfigError, match=rf"the data cache directory {blocker}/sub cannot be written"):
         build_data(config(tmp_path, cache_dir=str(blocker / "sub")), tokenizer)
+
+
+def test_data_prepare_and_preview_commands(tmp_path, tiny_model_dir):
+    import yaml
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(yaml.safe_dump({"model": {"name_or_path": str(tiny_model_dir)}, "data": {
+        "dataset_dir": str(FIXTURES), "train": ["identity"], "eval_split": 1, "cache_dir": str(tmp_path / "c")}}))
+    prepared = CliRunner().invoke(app, ["data", "prepare", str(run_file)])
+    assert prepared.exit_code == 0, prepared.output
+    assert "records            2 train, 1 eval" in prepared.output
+    assert "examples           2 train, 1 eval" in prepared.output and f"cache              {tmp_path / 'c'}/sft-" \
+        in prepared.output
+    shown = CliRunner().invoke(app, ["data", "preview", str(run_file), "-n", "1"])
+    assert shown.exit_code == 0, shown.output
+    assert f"--- example 1: {FIXTURES / 'identity.json'}#0" in shown.output
+    assert "assistant\n[[I am Tunebot, a small assistant fine-tuned with tunelab.<|im_end|>]]" in shown.output
+    assert "--- example 2" not in shown.output

@@ -31,7 +31,6 @@ from tunelab.cli import app
 from tunelab.data.records import Message
 from tunelab.errors import ConfigError
 from tunelab.evaluate import eval_main
-from tunelab.evaluate.choice_data import load_choice_data
 from tunelab.inference import GenerationOptions, generate, load_run
 from tunelab.predict import predict_file, prompts_and_references
 from tunelab.runs import RunDir
@@ -196,9 +195,9 @@ def test_predict_shows_progress_on_a_terminal_only(tiny_model_dir, tmp_path, cap
 
 
 def test_eval_shows_progress_per_model(tuna, capsys, terminal):
-    eval_main(str(tuna["run"]), "choice", str(EXAMPLES / "mc_identity.csv"), True, 0, None, 8, 4, progress=True)
+    eval_main(str(tuna["run"]), "choice", str(EXAMPLES / "mc_demo.csv"), True, 0, None, 8, 4, progress=True)
     err = capsys.readouterr().err
-    assert "choice (tuned):" in err and "choice (base):" in err and "/20 [" in err
+    assert "choice (tuned):" in err and "choice (base):" in err and "/40 [" in err
 
 
 # ------------------------------------------------------------------------------ eval --stop / --num-beams
@@ -220,7 +219,7 @@ def test_eval_generation_takes_stop_strings_and_beams(tuna, tmp_path, loaded):
 
 def test_stop_and_beams_are_refused_where_nothing_is_generated(tiny_model_dir):
     with pytest.raises(ConfigError, match="--stop and --num-beams .* --task generation only"):
-        eval_main(str(tiny_model_dir), "choice", str(EXAMPLES / "mc_identity.csv"), False, 0, None, 8, 4,
+        eval_main(str(tiny_model_dir), "choice", str(EXAMPLES / "mc_demo.csv"), False, 0, None, 8, 4,
                   num_beams=2)
 
 
@@ -230,7 +229,7 @@ def test_predict_offers_each_record_its_tools(tuna, tmp_path, loaded):
     prompt = prompts_and_references(EXAMPLES / "tools_demo.json", max_samples=1)[0]
     assert prompt.tools and prompt.tools[0]["function"]["name"] == "get_weather"
     with_tools = loaded.render_prompt(prompt.messages, list(prompt.tools))
-    assert "get_weather" in with_tools and "get_weather" not in loaded.render_prompt(prompt.messages)
+    assert "convert_currency" in with_tools and "convert_currency" not in loaded.render_prompt(prompt.messages)
     predict_file(str(tuna["run"]), EXAMPLES / "tools_demo.json", tmp_path / "p.jsonl", GREEDY, max_samples=1)
     row = json.loads((tmp_path / "p.jsonl").read_text())
     assert row["tools"] == list(prompt.tools)
@@ -326,14 +325,3 @@ def test_setup_installs_the_cuda_build_with_a_gpu_and_nothing_when_present(tmp_p
     installed = torch.__version__.split("+")[0]
     said, pip = _install_torch(_fake_tools(tmp_path / "again", gpu=False), installed, cpu_index)
     assert "already installed" in said and pip == ""
-
-
-# ------------------------------------------------------------------------------ the identity multiple-choice set
-
-def test_identity_choice_set_is_balanced_and_held_out():
-    data = load_choice_data(str(EXAMPLES / "mc_identity.csv"))
-    questions = data.scored["identity"]
-    assert len(questions) == 20 and sorted(q.answer for q in questions) == sorted("ABCD" * 5)
-    trained = {row["instruction"].lower() for name in ("identity.json", "identity_eval.json")
-               for row in json.loads((EXAMPLES / name).read_text())}
-    assert not trained & {q.question.lower() for q in questions}

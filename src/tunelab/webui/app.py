@@ -44,7 +44,9 @@ def create_app(runs_dir: str | Path, cli: Any, api_key: str | None = None) -> Fa
     app.include_router(api_router(services.runs))
     if api_key:
         app.include_router(login_router(api_key))
-    app = gr.mount_gradio_app(app, build_page(services), path="/", ssr_mode=False, css=CSS)
+    # allowed_paths: result images (compare.png) live in the runs directory, wherever it is
+    app = gr.mount_gradio_app(app, build_page(services), path="/", ssr_mode=False, css=CSS,
+                              allowed_paths=[str(services.runs.runs_dir)])
     if api_key:
         app.add_middleware(KeyGuard, api_key=api_key)
     return app

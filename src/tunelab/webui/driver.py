@@ -8,6 +8,7 @@ script. Nothing here imports playwright: callers bring their own browser.
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import socket
@@ -81,7 +82,7 @@ def choose(page: Any, elem_id: str, value: str) -> None:
     box.click()
     box.fill(value)
     options = box.get_attribute("aria-controls")  # this dropdown's own list (others may be in the page too)
-    page.locator(f"[id='{options}'] [role=option]").filter(has_text=re.compile(rf"^{re.escape(value)}$")).click()
+    page.locator(f"[id='{options}'] [role=option][aria-label={json.dumps(value)}]").click()
 
 
 def metric_points(page: Any, metric: str = "loss") -> int:
