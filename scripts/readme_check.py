@@ -1,14 +1,17 @@
 """Run the README's command blocks in order, in a fresh copy of the repository; fail if one fails.
 
 So the README cannot drift from the code: ``tests/test_readme_commands.py`` runs this on
-every test run. Which blocks: every ```bash block of the "## Using it" section, and any
-block right after a ``<!-- readme-check -->`` line. Each line of a block is one command
+every test run. Which blocks: the ```bash blocks of the "## Using it" section itself (not
+of its subsections), and any block right after a ``<!-- readme-check -->`` line. Each line of a block is one command
 (``#`` starts a comment); lines that set up the shell (``. .venv/bin/activate``, ``export``,
 ``cd``) carry over to the commands after them, as they would in a terminal.
 
-The copy holds the working tree as ``git`` sees it (tracked and new, not ignored files),
-with ``.venv`` linked to the running interpreter's environment. Commands run as written,
-with ``HF_HUB_OFFLINE=1``, except for these substitutions, each printed when it applies:
+The copy holds the working tree as ``git`` sees it (tracked and new, not ignored files)
+and a ``.venv`` of its own that imports the copy's ``src/`` first and the running
+environment's packages after it, but installs into itself: a README line such as
+``pip install -e .`` must never repoint the developer's (or CI's) environment at the copy.
+Commands run as written, with ``HF_HUB_OFFLINE=1``, except for these substitutions, each
+printed when it applies:
 
 - ``--fast`` (the default): ``examples/quickstart.yaml`` in the copy trains a tiny random
   model (2 layers, hidden size 64, written by ``tunelab.testing.tiny``) instead of the
@@ -36,10 +39,12 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,11 +70,11 @@ class Result:
 
 
 def readme_blocks(text: str) -> list[list[str]]:
-    """The checked blocks' lines, in README order: the "Using it" section's bash blocks and marked ones."""
+    """The checked blocks' lines, in README order: the "Using it" section's own bash blocks and marked ones."""
     blocks, section, marked = [], "", False
     lines = iter(text.splitlines())
     for line in lines:
-        if line.startswith("## "):
+        if re.match(r"#{1,6} ", line):
             section = line.strip()
         if line.strip() == MARKER:
             marked = True
@@ -124,8 +129,7 @@ def prepare_copy(root: Path, fast: bool) -> list[str]:
         if source.is_file():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, root / name)
-    environment = Path(sys.prefix) if sys.prefix != sys.base_prefix else REPO / ".venv"
-    (root / ".venv").symlink_to(environment, target_is_directory=True)
+    make_environment(root)
     if not fast:
         return []
     import yaml
@@ -140,9 +144,28 @@ def prepare_copy(root: Path, fast: bool) -> list[str]:
     return [f"examples/quickstart.yaml: model.name_or_path {model_dir} (a tiny random model; --full keeps SmolLM2)"]
 
 
+def make_environment(root: Path) -> None:
+    """``root/.venv``: sees ``root/src`` and then this interpreter's packages; pip installs into it alone."""
+    env = root / ".venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
+    site_packages = next((env / "lib").glob("python*/site-packages"))
+    shared = sysconfig.get_paths()["purelib"]
+    # A .pth line is a path, or code when it starts with "import": addsitedir also reads the shared
+    # environment's own .pth files (editable installs), which a plain path line would not.
+    (site_packages / "readme_check.pth").write_text(f"{root / 'src'}\nimport site; site.addsitedir({shared!r})\n")
+    for name, body in (("tunelab", "from tunelab.cli import main\nsys.exit(main())"),
+                       ("pip", "from pip._internal.cli.main import main\nsys.exit(main())")):
+        script = env / "bin" / name
+        script.write_text(f"#!{env / 'bin' / 'python'}\nimport sys\n{body}\n")
+        script.chmod(0o755)
+
+
 def _environment() -> dict[str, str]:
+    """This process's environment without its virtualenv (the copy's own is activated by the README)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.pop("VIRTUAL_ENV", None)
+    env["PATH"] = os.pathsep.join(part for part in env.get("PATH", "").split(os.pathsep)
+                                  if not Path(part).resolve().is_relative_to(Path(sys.prefix).resolve()))
     return env
 
 
@@ -216,7 +239,7 @@ def _wait_for_models(base: str, server: subprocess.Popen, timeout: float) -> lis
 
 
 def check_readme(root: Path, readme: Path = REPO / "README.md", fast: bool = True, timeout: float = 900,
-                 echo=print) -> list[Result]:
+                 echo=partial(print, flush=True)) -> list[Result]:
     """Copy the repository into ``root`` and run the README's checked commands there, in order."""
     blocks = readme_blocks(readme.read_text(encoding="utf-8"))
     if not blocks:

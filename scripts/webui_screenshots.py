@@ -95,7 +95,7 @@ def main() -> None:
             type_into(page, "cfg-train-max_steps", "8")
             page.locator("#train-preview").click()
             page.locator("#train-estimate").click()
-            wait_until(lambda: "predicted peak memory" in page.locator("#train-memory textarea").input_value(),
+            wait_until(lambda: "predicted peak memory" in page.locator("#train-memory").inner_text(),
                        "the memory estimate")
             shoot(page, "Train", args.out, "train")
 

@@ -20,7 +20,7 @@ PACKAGE_ROOT = Path(tunelab.__file__).parent
 
 #: Layer of each module, by longest matching prefix; an import may only point to the same or a lower layer.
 LAYERS: dict[str, int] = {
-    "tunelab.errors": 0, "tunelab.io": 0, "tunelab.memory": 0,
+    "tunelab.errors": 0, "tunelab.io": 0, "tunelab.memory": 0, "tunelab.progress": 0,
     "tunelab.config": 1, "tunelab.generation_options": 1, "tunelab.method_defaults": 1,
     "tunelab.runs": 2, "tunelab.trackers": 2,
     "tunelab.data": 3,
@@ -36,13 +36,14 @@ LAYERS: dict[str, int] = {
     "tunelab.train.stages": 10,
     "tunelab.predict": 11, "tunelab.evaluate": 11, "tunelab.export": 11, "tunelab.serve": 11,
     "tunelab.estimate": 11, "tunelab.compare": 11, "tunelab.score": 11, "tunelab.config_llamafactory": 11,
-    "tunelab.data_commands": 11,
+    "tunelab.data_commands": 11, "tunelab.chat_repl": 11,
     "tunelab.webui": 12, "tunelab.cli": 12,  # the user surfaces (the web UI reuses the CLI's option parsing)
     "tunelab": 13,
 }
 #: The stage registry file itself: stage names only, read by config.py (see DESIGN.md, Layers).
 REGISTRY = "tunelab.train.stages"
-LAYER_EXCEPTIONS = {REGISTRY: 0}
+#: The package itself holds only ``__version__``, which any layer may read.
+LAYER_EXCEPTIONS = {REGISTRY: 0, "tunelab": 0}
 
 
 def module_name(path: Path) -> str:

@@ -67,7 +67,8 @@ def test_json_is_pretty_printed_utf8(path: Path) -> None:
 def test_registry_names_every_dataset_with_llamafactory_keys_only() -> None:
     info = load_json("dataset_info.json")
     assert set(info) == {"identity", "identity_eval", "alpaca_demo", "sharegpt_demo", "pairs",
-                         "pairs_eval", "kto_demo", "ppo_prompts", "pretrain_text", "gen_eval"}
+                         "pairs_eval", "kto_demo", "ppo_prompts", "pretrain_text", "gen_eval",
+                         "identity2", "identity2_eval", "arith", "arith_eval", "tools_demo"}
     for name, entry in info.items():
         assert set(entry) <= LLAMAFACTORY_KEYS, name
         assert (DATA_DIR / entry["file_name"]).is_file(), name

@@ -146,6 +146,9 @@ def test_queued_runs_know_their_place_and_names_never_collide(tmp_path, tiny_mod
     assert [runs.view(i).queue_position for i in (first, second)] == [1, 2]
     runs.stop(first)
     assert runs.view(second).queue_position == 1
+    (tmp_path / first / "status.json").write_text("{not json")  # one damaged run does not hide the others
+    assert [(v.id, v.status) for v in runs.list()] == [(second, "queued"), (first, "failed")]
+    assert "status.json" in runs.view(first).error
 
 
 # ---------------------------------------------------------------------------- chat, jobs, preview

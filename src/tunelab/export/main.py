@@ -24,9 +24,9 @@ FORMATS = ("safetensors", "gguf")
 #: The GGUF type that keeps an export dtype as it is.
 _GGUF_FOR_DTYPE = {"bf16": "bf16", "fp16": "f16", "fp32": "f32"}
 MODELFILE = "Modelfile"
-_QLORA_NOTE = ("this QLoRA run is merged into its dequantized 4-bit base: the export computes what the 4-bit model "
-               "computed, not the original float base plus the adapter. For that, export with --adapter-only and "
-               "load the adapter on the float base (README, 'QLoRA export').")
+_QLORA_NOTE = ("note: this QLoRA run is merged into its dequantized 4-bit base: the export computes what the 4-bit "
+               "model computed in training, not the original float base plus the adapter. For that, export with "
+               "--adapter-only and load the adapter on the float base (README, Export, 'QLoRA runs').")
 
 
 def export_main(run: str | Path, out: str | Path, fmt: str = "safetensors", dtype: str | None = None,
@@ -80,7 +80,7 @@ def _export_gguf(merged: MergedRun, run: Path, out: Path, dtype: str | None, ggu
         if ollama:
             write_text(tmp / MODELFILE, modelfile(name, merged.loaded.template))
     size = (out / name).stat().st_size / 2**20
-    lines = [f"GGUF file {out / name} written in {gguf_type} ({why}), {size:.0f} MiB, for llama.cpp and Ollama"]
+    lines = [f"GGUF file {out / name} written in {gguf_type} ({why}), {size:.1f} MiB, for llama.cpp and Ollama"]
     if ollama:
         lines.append(f"Ollama: ollama create {run.resolve().name} -f {out / MODELFILE}")
     return lines + [f"note: {note}" for note in notes]

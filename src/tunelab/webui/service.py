@@ -102,7 +102,10 @@ class RunService:
     def view(self, run_id: str) -> RunView:
         run = self.run_dir(run_id)
         entry = self.queue.find(run_id)
-        status = run.read_status()
+        try:
+            status = run.read_status()
+        except TunelabError as err:  # a damaged status.json: show this run as failed, and the others still
+            return RunView(run_id, "failed", error=str(err))
         latest = latest_values(self.metrics(run_id))
         step, total = (status.step, status.total_steps) if status is not None else (0, None)
         if entry is not None and not entry.launched:

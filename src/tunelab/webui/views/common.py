@@ -12,9 +12,13 @@ from tunelab.webui.service import RunService
 
 #: Seconds between refreshes of live views (run status, curves, logs, jobs).
 REFRESH_S = 2.0
-#: The class of form fields, and the page's style: fields (check boxes too) wrap rather than shrink.
+#: The classes of form fields and of logs, and the page's style: fields (check boxes too) wrap rather than
+#: shrink; logs keep the columns of the tables commands print.
 FIELD_CLASS = "tl-field"
-CSS = f".{FIELD_CLASS} {{ min-width: 220px !important; }}"
+LOG_CLASS = "tl-log"
+CSS = f".{FIELD_CLASS} {{ min-width: 220px !important; }} .{LOG_CLASS} textarea {{ font-family: monospace; }}"
+#: Lines of a log tail: as many as its box shows, so the newest line is always in view.
+LOG_LINES = 24
 #: Lines a code box shows before it scrolls.
 CODE_LINES = 30
 

@@ -13,7 +13,7 @@ import gradio as gr
 from tunelab.errors import TunelabError
 from tunelab.webui.plots import figure, summary
 from tunelab.webui.service import RunView
-from tunelab.webui.views.common import CODE_LINES, REFRESH_S, Services, failure
+from tunelab.webui.views.common import CODE_LINES, LOG_CLASS, LOG_LINES, REFRESH_S, Services, failure
 
 TABLE_HEADERS = ["run", "status", "step", "of", "loss", "eval_loss", "started", "updated"]
 
@@ -49,7 +49,8 @@ def build(services: Services) -> None:
     latest = gr.Dataframe(headers=["metric", "points", "last step", "last value"], interactive=False,
                           label="logged metrics", elem_id="runs-metrics")
     with gr.Row():
-        log = gr.Textbox(label="train.log (tail)", lines=14, max_lines=14, autoscroll=True, elem_id="runs-log")
+        log = gr.Textbox(label="train.log (tail)", lines=LOG_LINES, max_lines=LOG_LINES, elem_classes=[LOG_CLASS],
+                         elem_id="runs-log")
         config = gr.Code(label="resolved config", language="yaml", interactive=False, max_lines=CODE_LINES,
                          elem_id="runs-config")
     drawn = gr.State(None)  # what the plot shows, to redraw only when a metrics file grew
@@ -57,10 +58,12 @@ def build(services: Services) -> None:
     def refresh(run_id: str | None, others: list[str] | None, drawn_key: Any) -> list[Any]:
         views = runs.list()
         ids = [v.id for v in views]
-        run_id = run_id if run_id in ids else (ids[0] if ids else None)
+        valid = run_id in ids
+        run_id = run_id if valid else (ids[0] if ids else None)
         others = [o for o in (others or []) if o in ids and o != run_id]
-        updates: list[Any] = [table_rows(views), gr.update(choices=ids, value=run_id),
-                              gr.update(choices=[i for i in ids if i != run_id], value=others)]
+        # Choices only (unless the chosen run is gone): setting values would undo a choice made during a refresh.
+        chosen_update = gr.update(choices=ids) if valid else gr.update(choices=ids, value=run_id)
+        updates: list[Any] = [table_rows(views), chosen_update, gr.update(choices=[i for i in ids if i != run_id])]
         if run_id is None:
             return updates + ["No runs yet: start one in the Train tab.", None, [], "", "", None]
         shown = [run_id, *others]
@@ -69,7 +72,8 @@ def build(services: Services) -> None:
         view = next(v for v in views if v.id == run_id)
         redraw = key != drawn_key
         return updates + [_detail(view), figure(series) if redraw else gr.skip(), summary(series[run_id]),
-                          runs.log_tail(run_id) or runs.console_tail(run_id), runs.config_text(run_id), key]
+                          runs.log_tail(run_id, LOG_LINES) or runs.console_tail(run_id, LOG_LINES),
+                          runs.config_text(run_id), key]
 
     outputs = [table, chosen, overlay, detail, plot, latest, log, config, drawn]
     timer.tick(refresh, [chosen, overlay, drawn], outputs, show_progress="hidden")

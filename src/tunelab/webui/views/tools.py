@@ -19,7 +19,8 @@ from tunelab.io import write_text
 from tunelab.webui.cli_form import CliParam, build_argv, command_params
 from tunelab.webui.jobs import JobView
 from tunelab.webui.views.chat import text_of
-from tunelab.webui.views.common import CODE_LINES, FIELD_CLASS, REFRESH_S, Services, failure
+from tunelab.webui.views.common import (CODE_LINES, FIELD_CLASS, LOG_CLASS, LOG_LINES, REFRESH_S, Services,
+                                        failure)
 
 Prepare = Callable[[dict[str, Any], tuple[Any, ...]], dict[str, Any]]
 _PREVIEW_ROWS = 20
@@ -36,7 +37,8 @@ def _widget(param: CliParam, command: str, initial: Any) -> gr.components.Compon
         return gr.Checkbox(value=bool(initial), **common)
     if isinstance(initial, (int, float)) and not isinstance(initial, bool) and not param.many:
         return gr.Number(value=initial, precision=0 if isinstance(initial, int) else None, **common)
-    return gr.Textbox(value="" if initial is None else str(initial), max_lines=1, **common)
+    shown = " ".join(map(str, initial)) if isinstance(initial, (list, tuple)) else initial  # many: space-separated
+    return gr.Textbox(value="" if shown is None else str(shown), max_lines=1, **common)
 
 
 def _flag_value(param: CliParam, value: Any) -> Any:
@@ -97,11 +99,14 @@ def cli_panel(services: Services, page: gr.Blocks, command: str, outputs_of: Cal
     status = gr.Markdown(elem_id=f"{command}-status")
     result = gr.Markdown(elem_id=f"{command}-result")
     image = gr.Image(label="plot", visible=command == "compare", interactive=False, elem_id=f"{command}-image")
-    log = gr.Textbox(label="job log (tail)", lines=10, max_lines=10, autoscroll=True, elem_id=f"{command}-log")
+    log = gr.Textbox(label="job log (tail)", lines=LOG_LINES, max_lines=LOG_LINES, elem_classes=[LOG_CLASS],
+                     elem_id=f"{command}-log")
     run_widget = next((w for p, w in zip(params, widgets) if p.name == "run"), None)
 
     def start(*values: Any) -> tuple[Any, str]:
         form = {p.name: _flag_value(p, v) for p, v in zip(params, values[:len(params)])}
+        if form.get("run") in services.runs.finished():  # a run's id in the picker: the command takes its path
+            form["run"] = str(services.runs.runs_dir / form["run"])
         try:
             if prepare is not None:
                 form = prepare(form, values[len(params):])
@@ -109,19 +114,22 @@ def cli_panel(services: Services, page: gr.Blocks, command: str, outputs_of: Cal
             job_id = services.jobs.start(argv, outputs_of(form))
         except TunelabError as err:
             return gr.update(), failure(err)
-        return gr.update(value=job_id), f"Started `tunelab {' '.join(argv)}` as job {job_id}."
+        ids = [j.id for j in services.jobs.list(command)]
+        return gr.update(choices=ids, value=job_id), f"Started `tunelab {' '.join(argv)}` as job {job_id}."
 
     def refresh(job_id: str | None) -> list[Any]:
         jobs = services.jobs.list(command)
         ids = [j.id for j in jobs]
-        job_id = job_id if job_id in ids else (ids[0] if ids else None)
+        valid = job_id in ids
+        job_id = job_id if valid else (ids[0] if ids else None)
         if job_id is None:
             return [gr.update(choices=[], value=None), "No jobs yet.", "", None, ""]
         view = next(j for j in jobs if j.id == job_id)
         text, picture = job_result(view)
         line = f"**{view.status}**" + (f" (exit code {view.returncode})" if view.returncode else "") + \
             f" — `tunelab {' '.join(view.argv)}`"
-        return [gr.update(choices=ids, value=job_id), line, text, picture, services.jobs.log_tail(job_id)]
+        chosen = gr.update(choices=ids) if valid else gr.update(choices=ids, value=job_id)  # keep the user's pick
+        return [chosen, line, text, picture, services.jobs.log_tail(job_id, LOG_LINES)]
 
     def stop_job(job_id: str | None) -> str:
         if not job_id:

@@ -86,7 +86,7 @@ def build(services: Services) -> gr.Code:
     chosen = gr.State((first["method.type"], first["stage"]))  # the method type and stage the form shows
     samples = gr.HighlightedText(label="first records, as rendered for training (highlighted: trained on)",
                                  color_map={SUPERVISED: "green"}, combine_adjacent=True, elem_id="train-samples")
-    memory = gr.Textbox(label="memory estimate", lines=8, interactive=False, elem_id="train-memory")
+    memory = gr.Code(label="memory estimate", language=None, interactive=False, elem_id="train-memory")
     start_tree = config_tree({}, first["method.type"], first["stage"])
     with gr.Row():
         yaml_box = gr.Code(to_yaml(start_tree), label="run.yaml", language="yaml", interactive=False,
