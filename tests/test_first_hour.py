@@ -325,3 +325,14 @@ def test_setup_installs_the_cuda_build_with_a_gpu_and_nothing_when_present(tmp_p
     installed = torch.__version__.split("+")[0]
     said, pip = _install_torch(_fake_tools(tmp_path / "again", gpu=False), installed, cpu_index)
     assert "already installed" in said and pip == ""
+
+
+def test_identity_choice_set_is_balanced_and_held_out():
+    """examples/data/mc_identity.csv, the README's evidence about the choice task on SmolLM2."""
+    from tunelab.evaluate.choice_data import load_choice_data
+
+    questions = load_choice_data(str(EXAMPLES / "mc_identity.csv")).scored["identity"]
+    assert len(questions) == 20 and sorted(q.answer for q in questions) == sorted("ABCD" * 5)
+    trained = {row["instruction"].lower() for name in ("identity.json", "identity_eval.json")
+               for row in json.loads((EXAMPLES / name).read_text())}
+    assert not trained & {q.question.lower() for q in questions}

@@ -114,7 +114,7 @@ def test_resume_matches_an_uninterrupted_run(tiny_model_dir, prompt_file, reward
     run_stage(grpo_cfg(tiny_model_dir, prompt_file, straight, "train.save_every=1"), progress=False)
     run_stage(grpo_cfg(tiny_model_dir, prompt_file, cut, "train.max_steps=1", "train.save_every=1"), progress=False)
     resumed = run_stage(grpo_cfg(tiny_model_dir, prompt_file, cut, "train.save_every=1"), resume=True,
-                        progress=False)
+                        allow_config_change=True, progress=False)
     assert resumed.steps == 2
     a = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(cut / "adapter" / "adapter_model.safetensors"))

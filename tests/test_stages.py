@@ -133,7 +133,7 @@ def test_dpo_family_loss_matches_hand_computation(tokenizer, loss, extra, packin
         chosen.append(c)
         rejected.append(r)
     assert objective.count(batch) == 2
-    assert float(value) == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert value.item() == pytest.approx(expected, rel=1e-4, abs=1e-5)
     assert float(metrics["rewards/chosen"]) == pytest.approx(sum(chosen), rel=1e-4, abs=1e-5)
     assert float(metrics["rewards/rejected"]) == pytest.approx(sum(rejected), rel=1e-4, abs=1e-5)
     assert float(metrics["rewards/margins"]) == pytest.approx(sum(chosen) - sum(rejected), rel=1e-4, abs=1e-5)
@@ -224,7 +224,7 @@ def test_kto_loss_matches_hand_computation(tokenizer, packing):
         else:
             expected += 0.7 * (1 - 1 / (1 + math.exp(-BETA * (z0 - r))))
     assert objective.count(batch) == 3
-    assert float(value) == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert value.item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
     assert float(metrics["kl"]) == pytest.approx(z0 * n, abs=1e-4)
     value.backward()
 

@@ -4,6 +4,7 @@ chat, the generated config form, and the API key."""
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -151,6 +152,19 @@ def test_queued_runs_know_their_place_and_names_never_collide(tmp_path, tiny_mod
     assert "status.json" in runs.view(first).error
 
 
+def test_a_resume_queued_before_the_worker_clears_the_ended_launch_reads_as_queued(tmp_path):
+    from tunelab.io import write_json
+    from tunelab.webui.queue import RunQueue
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    queue = RunQueue(tmp_path)
+    write_json(queue.dir / f"{0:020d}-r.json", {"id": "r", "resume": False, "queued_at": "", "pid": ended.pid})
+    queue.put("r", resume=True)
+    entry = queue.find("r")
+    assert entry.resume and not entry.launched and queue.position("r") == 1
+
+
 # ---------------------------------------------------------------------------- chat, jobs, preview
 
 def test_chat_streams_the_runs_answer_and_the_bases_from_one_module(finished_run):
@@ -174,7 +188,7 @@ def test_chat_streams_the_runs_answer_and_the_bases_from_one_module(finished_run
 def test_jobs_run_cli_commands_detached_and_record_their_exit_code(tmp_path):
     jobs = JobService(tmp_path)
     ok = jobs.start(["config-keys"])
-    bad = jobs.start(["eval", str(tmp_path / "missing"), "--task", "perplexity", "--data", "x.jsonl"])
+    bad = jobs.start(["train", str(tmp_path / "missing.yaml")])
     deadline = time.time() + TIMEOUT_S
     while {jobs.view(ok).status, jobs.view(bad).status} & {"running"} and time.time() < deadline:
         time.sleep(0.3)
@@ -182,7 +196,7 @@ def test_jobs_run_cli_commands_detached_and_record_their_exit_code(tmp_path):
     assert "train.lr" in jobs.log_tail(ok, 400)
     assert (jobs.view(bad).status, jobs.view(bad).returncode) == ("failed", 2)
     assert "error:" in jobs.log_tail(bad)
-    assert [job.id for job in jobs.list("eval")] == [bad]
+    assert [job.id for job in jobs.list("train")] == [bad]
 
 
 def test_cli_forms_follow_the_command_options():
@@ -227,12 +241,13 @@ def test_untouched_fields_give_the_shortest_config_and_edits_round_trip(method_t
     assert all(parse_widget(fields[k], widget_value(fields[k], v)) == v for k, v in base.items() if k in fields)
 
 
-def test_switching_stage_moves_untouched_defaults_and_keeps_edits():
+def test_switching_method_moves_untouched_defaults_and_keeps_edits():
     fields = field_by_key()
     base = defaults("lora", "sft")
     values = {key: widget_value(fields[key], base[key]) for key in base if key in fields}
-    moved = follow_defaults({**values, "train.batch_size": 2}, ("lora", "sft"), ("lora", "ppo"))
-    assert float(moved["train.lr"]) == defaults("lora", "ppo")["train.lr"] != base["train.lr"]
+    moved = follow_defaults({**values, "train.batch_size": 2}, ("lora", "sft"), ("full", "sft"))
+    full_lr = defaults("full", "sft")["train.lr"]
+    assert parse_widget(fields["train.lr"], moved["train.lr"]) == full_lr != base["train.lr"]  # each family's lr
     assert moved["train.batch_size"] == 2
 
 

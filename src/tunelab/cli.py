@@ -63,7 +63,7 @@ def _print_version(value: bool) -> None:
 def _main(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
                                                 help="Print the version (and torch's, transformers', ...) and exit.")
                              ] = False) -> None:
-    """Fine-tune large language models end to end."""
+    """The options of ``tunelab`` itself, before a command (the app's help text is set on the Typer)."""
 
 
 def _quiet_libraries() -> None:

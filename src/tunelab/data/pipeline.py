@@ -52,7 +52,7 @@ def load_records(names: list[str], cfg: DataConfig, seed: int, stats: dict[str, 
     parts = []
     for name in names:
         spec = registry.resolve(name)
-        records, conversion = to_records(spec.rows(), spec, cfg.on_error, require_answer=stage != "ppo")
+        records, conversion = to_records(spec.rows(), spec, cfg.on_error, require_answer=stage not in ("ppo", "grpo"))
         stats["skipped"] = stats.get("skipped", 0) + conversion.skipped
         if cfg.max_samples is not None:
             records = records[:cfg.max_samples]

@@ -190,6 +190,7 @@ _STAGE_RECORDS: dict[str, tuple[type, ...]] = {
     "dpo": (Preference,),
     "kto": (Unpaired,),
     "ppo": (Conversation, Preference, Unpaired),
+    "grpo": (Conversation, Preference, Unpaired),
 }
 _STAGE_NEEDS = {
     "pt": "plain-text records (a text column)",
@@ -198,6 +199,7 @@ _STAGE_NEEDS = {
     "dpo": "preference pairs (chosen/rejected)",
     "kto": "answers labelled desirable or not (a kto_tag/label column)",
     "ppo": "prompts (conversations or preference data)",
+    "grpo": "prompts (conversations or preference data; extra columns reach the reward functions)",
 }
 
 

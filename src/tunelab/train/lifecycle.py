@@ -309,7 +309,9 @@ def enable_gradient_checkpointing(model: nn.Module, method: Method) -> None:
         raise ConfigError(f"train.gradient_checkpointing does not work with method '{method.name}' (its virtual "
                           "tokens are passed as cached keys/values, which checkpointing discards). Set "
                           "train.gradient_checkpointing=false for this method.")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers renamed it activation_checkpointing_enable (the old name warns, and goes in v6)
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()  # frozen embeddings: keep a grad path into checkpointed blocks
 

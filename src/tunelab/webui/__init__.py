@@ -5,8 +5,9 @@ run queue and its worker), :mod:`jobs` (eval/predict/export/compare launched as 
 CLI processes), :mod:`chat` (streamed chat on the serving engine), :mod:`form` and
 :mod:`cli_form` (forms generated from the config schema and from the CLI's options),
 :mod:`preview`, :mod:`plots`, :mod:`api` (JSON API), :mod:`auth` (API key), :mod:`app`
-and :mod:`views` (the Gradio page); :mod:`driver` drives it from a browser (tests, screenshots). Only :mod:`app`, :mod:`views` and :mod:`api` import
-Gradio or FastAPI, so the queue worker and the job wrapper start light.
+and :mod:`views` (the Gradio page); :mod:`driver` drives the page from a browser (tests,
+screenshots). Only :mod:`app`, :mod:`views`, :mod:`api` and :mod:`auth` import Gradio or
+FastAPI, so the queue worker and the job wrapper start light.
 """
 
 from __future__ import annotations

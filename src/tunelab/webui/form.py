@@ -179,6 +179,17 @@ def follow_defaults(values: dict[str, Any], before: tuple[str, str], after: tupl
 
 # ---------------------------------------------------------------------------- values
 
+def _load(text: str) -> Any:
+    """A typed value: JSON first (what the form writes; PyYAML reads ``5e-05`` as text), else YAML."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return yaml.safe_load(text)
+
+
 def text_box(field: FormField) -> bool:
     """Numbers that may be empty are typed as text: a number widget cannot hold "empty"."""
     return field.nullable and field.kind in ("int", "float")
@@ -189,7 +200,7 @@ def widget_value(field: FormField, value: Any) -> Any:
     if field.kind == "yaml":
         if value is None:
             return ""
-        plain = isinstance(value, str) and yaml.safe_load(value) == value  # all-linear, not "all-linear"
+        plain = isinstance(value, str) and _load(value) == value  # all-linear, not "all-linear"
         return value if plain else json.dumps(value)  # JSON is YAML, on one line
     if field.kind == "text" or text_box(field):
         return "" if value is None else str(value)
@@ -198,14 +209,10 @@ def widget_value(field: FormField, value: Any) -> Any:
 
 def parse_widget(field: FormField, raw: Any) -> Any:
     """A widget's value as a config value (what :func:`widget_value` wrote, read back)."""
-    if field.kind == "yaml":
-        text = str(raw or "").strip()
-        return None if not text else yaml.safe_load(text)
+    if field.kind == "yaml" or text_box(field):
+        return _load(str(raw or ""))
     if field.kind == "text":
         return None if field.nullable and not str(raw or "").strip() else str(raw or "")
-    if text_box(field):
-        text = str(raw or "").strip()
-        return None if not text else yaml.safe_load(text)
     if field.kind == "int" and isinstance(raw, float) and raw.is_integer():
         return int(raw)
     if field.kind == "choice" and raw == "" and field.nullable:

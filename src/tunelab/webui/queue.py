@@ -96,7 +96,9 @@ class RunQueue:
         return found
 
     def find(self, run_id: str) -> Entry | None:
-        return next((entry for entry in self.entries() if entry.id == run_id), None)
+        """The run's waiting or running entry; one whose process has ended (not yet removed) is history."""
+        return next((entry for entry in self.entries() if entry.id == run_id and (not entry.launched or entry.alive)),
+                    None)
 
     def put(self, run_id: str, resume: bool = False) -> Entry:
         """Append a run; the caller then starts a worker (:meth:`ensure_worker`)."""
