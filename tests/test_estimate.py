@@ -146,7 +146,8 @@ def test_packed_and_padded_batch_shapes():
 
 
 def test_prefix_tuning_adds_key_value_prefix_to_every_layer(run_tree):
-    prefix = cpu_estimate(run_tree, "method.type=prefix", "method.num_virtual_tokens=10")
+    prefix = cpu_estimate(run_tree, "method.type=prefix", "method.num_virtual_tokens=10",
+                          "method.prefix_projection=false")
     assert prefix.facts.prefix_tokens == 10 and prefix.facts.first_grad_layer == 0
     assert prefix.to_dict()["model"]["trainable_params"] == 10 * 2 * 2 * 32  # tokens x layers x (k, v) x kv dim
 

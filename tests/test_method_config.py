@@ -146,11 +146,13 @@ def toy_method():
 
 
 def test_a_new_method_is_one_class_and_one_register_line(toy_method):
-    cfg = build_config({"method": {"type": "toy", "sharpness": 2.5}})
+    # train.lr: auto needs a measured rate per method family (tunelab.method_defaults.LR_FAMILY),
+    # so a new method names its learning rate until it is measured.
+    cfg = build_config({"method": {"type": "toy", "sharpness": 2.5}, "train": {"lr": 1e-3}})
     assert type(cfg.method) is ToyConfig and cfg.method.sharpness == 2.5
     with pytest.raises(ConfigError, match=r"'method\.r' does not apply to method\.type 'toy'.*takes: type, init_from, "
                                           r"sharpness\."):
-        build_config({"method": {"type": "toy", "r": 4}})
+        build_config({"method": {"type": "toy", "r": 4}, "train": {"lr": 1e-3}})
     groups = {group.title: group for group in describe_keys("toy")}
     assert [doc.key for doc in groups["method: type toy"].keys] == ["method.sharpness"]
     assert groups["method: type toy"].keys[0].help == "How sharp the toy is."

@@ -352,6 +352,22 @@ def test_engine_batches_compatible_jobs_and_drains_the_queue_on_stop(engine):
         eng.submit(_job("run-a", 0, done))
 
 
+def test_engine_hands_memory_back_when_it_runs_out_of_work(engine):
+    backend = _Recorder(engine.models)
+    eng = Engine(backend, max_batch_size=8)
+    released: list[int] = []
+    backend.release_memory = lambda: released.append(eng.queued)  # type: ignore[attr-defined]
+    eng.start()
+    done: list = []
+    eng.submit(_job("run-a", 0, done))
+    assert backend.entered.wait(10)
+    eng.submit(_job("run-a", 1, done))
+    eng.submit(_job("run-a", 2, done))
+    backend.release.set()
+    eng.stop()
+    assert len(done) == 3 and released == [0]  # once, after the second batch emptied the queue
+
+
 def test_cancelled_row_stops_generating(engine):
     model = engine.models["run-a"]
     ids = encode_prompt(model.run, [Message("user", "hi")])

@@ -515,7 +515,9 @@ def describe_keys(method_type: str | None = None, stage: str | None = None) -> l
     """Every key with its type, default and help, grouped by section; ``method_type`` narrows the
     method section to that type, ``stage`` leaves out sections that stage does not read."""
     asked: dict[str, Any] = {"stage": stage, "method": {"type": method_type} if method_type else None}
-    build_config({key: value for key, value in asked.items() if value}, source="config-keys")  # names checked
+    # names checked; a fixed lr so a method without a measured `auto` rate can still be listed
+    build_config({**{key: value for key, value in asked.items() if value}, "train": {"lr": 1.0}},
+                 source="config-keys")
     sections = ("method", *(name for name, f in RunConfig.model_fields.items() if _section_class(f.annotation)))
     groups = [KeyGroup("run", _docs(RunConfig, "", skip=sections))]
     for name, field in RunConfig.model_fields.items():

@@ -4,7 +4,8 @@ Modules: :mod:`catalog` (which model ids, decided from the run directories),
 :mod:`engine` (the queue and the single worker thread that schedules it), :mod:`batching`
 and :mod:`sampling` (continuous batching over a KV cache), :mod:`hf_backend` and
 :mod:`vllm_backend` (what generates), :mod:`limits` (request size, answer length, API-key
-warnings), :mod:`schemas` and :mod:`app` (the HTTP layer).
+warnings), :mod:`heap` (the process's C heap), :mod:`schemas` and :mod:`app` (the HTTP
+layer), :mod:`local` (the server as a child process, for benchmarks and checks).
 """
 
 from __future__ import annotations

@@ -27,24 +27,12 @@ from tunelab.models.loader import load_base, pick_device
 from tunelab.serve.batching import DecodeBatch, steppable
 from tunelab.serve.catalog import ServePlan, ServedRun
 from tunelab.serve.engine import ServedModel
+from tunelab.serve.heap import release_freed_memory
 
 #: Prefix of PEFT adapter names. Names have a fixed width so that none is a substring of
 #: another, and are checked against the base's module paths, which must not contain them
 #: (PEFT mis-resizes AdaLoRA modules on load when they do).
 _ADAPTER_PREFIX = "tunelab_served_"
-
-
-def _glibc() -> Any:
-    """The C library when it is glibc (it has ``malloc_trim``), else None."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
 
 
 def context_length(model: nn.Module) -> int | None:
@@ -87,7 +75,6 @@ class TransformersBackend:
 
     def __init__(self, models: dict[str, ServedModel]):
         self.models = models
-        self._libc = _glibc()
 
     @classmethod
     def load(cls, plan: ServePlan, device: torch.device | None = None) -> "TransformersBackend":
@@ -118,15 +105,8 @@ class TransformersBackend:
             return complete(model.run, rows)
 
     def release_memory(self) -> None:
-        """Hand memory freed by finished batches back to the system (called when the server is idle).
-
-        Why: glibc keeps freed KV caches and activations in its heaps (its mmap threshold
-        grows with every large free), so without this a server stays at its busiest size.
-        """
-        if self._libc is not None:
-            self._libc.malloc_trim(0)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        """Hand the memory of finished batches back to the system (the engine calls this when idle)."""
+        release_freed_memory()
 
     def lane(self, model: ServedModel) -> DecodeBatch | None:
         """A continuous batch for ``model``, or None when only :meth:`run` generates it correctly."""
