@@ -39,9 +39,8 @@ from tunelab.config import GRPOConfig, RunConfig
 from tunelab.data.records import IGNORE_INDEX, PromptExample
 from tunelab.errors import ConfigError
 from tunelab.inference import LoadedRun, stop_token_ids
-from tunelab.train.batches import MicroBatches
 from tunelab.train.grpo_math import StepScope, equal_reward_groups, group_advantages, policy_loss
-from tunelab.train.lifecycle import RunTrainer, StepOutput
+from tunelab.train.lifecycle import RolloutTrainer, StepOutput
 from tunelab.train.ppo import response_outputs
 from tunelab.train.reference import ReferenceModel
 from tunelab.train.reward_fns import resolve_rewards, reward_metrics, score_rewards, total_reward
@@ -107,19 +106,15 @@ def completion_ids(rollout: Rollout) -> list[list[int]]:
     return [row[row != IGNORE_INDEX].tolist() for row in rollout.labels]
 
 
-class GRPOTrainer(RunTrainer):
+class GRPOTrainer(RolloutTrainer):
     """One GRPO-family run: a step samples groups, scores them and updates the policy."""
-
-    loop = "rollout"
 
     @staticmethod
     def check_config(cfg: RunConfig) -> None:
         check_grpo_config(cfg)
 
-    def batch_order(self) -> MicroBatches:
-        """Batches of ``grpo.prompts_per_step`` prompts, in the batch loop's deterministic order."""
-        return MicroBatches([len(e.prompt_ids) for e in self.data.train], self.cfg.grpo.prompts_per_step,
-                            self.cfg.train.seed, group_by_length=False)
+    def prompts_per_step(self) -> int:
+        return self.cfg.grpo.prompts_per_step
 
     def updates_per_step(self) -> int:
         return self.cfg.grpo.num_iterations

@@ -576,3 +576,19 @@ class RunTrainer:
             return
         self.run_dir.append_log(f"{status}: {message}")
         self.run_dir.write_status(status=status, error=message)
+
+
+class RolloutTrainer(RunTrainer):
+    """A stage whose step samples from the policy (PPO, GRPO): a step reads a batch of prompts.
+
+    Subclasses say how many prompts a step samples for; the order is the batch loop's
+    deterministic one without length grouping, so resume restarts at the same prompts."""
+
+    loop = "rollout"
+
+    def prompts_per_step(self) -> int:
+        raise NotImplementedError
+
+    def batch_order(self) -> MicroBatches:
+        return MicroBatches([len(e.prompt_ids) for e in self.data.train], self.prompts_per_step(),
+                            self.cfg.train.seed, group_by_length=False)

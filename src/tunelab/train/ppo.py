@@ -42,8 +42,7 @@ from tunelab.errors import ConfigError
 from tunelab.inference import LoadedRun, stop_token_ids
 from tunelab.models.forward import Batch, hidden_states
 from tunelab.models.value_head import ValueHead, attach_value_head, save_value_head
-from tunelab.train.batches import MicroBatches
-from tunelab.train.lifecycle import RunTrainer, StepOutput
+from tunelab.train.lifecycle import RolloutTrainer, StepOutput
 from tunelab.train.losses import token_logps
 from tunelab.train.reference import ReferenceModel
 from tunelab.train.rewards import RewardSource, build_reward, check_reward_choice
@@ -155,19 +154,15 @@ class Experience:
     entropy: float
 
 
-class PPOTrainer(RunTrainer):
+class PPOTrainer(RolloutTrainer):
     """One PPO run: policy, critic, reward and reference on one base; each step a rollout and its updates."""
-
-    loop = "rollout"
 
     @staticmethod
     def check_config(cfg: RunConfig) -> None:
         check_ppo_config(cfg)
 
-    def batch_order(self) -> MicroBatches:
-        """Batches of ``ppo.rollout_batch_size`` prompts, in the batch loop's deterministic order."""
-        return MicroBatches([len(e.prompt_ids) for e in self.data.train], self.cfg.ppo.rollout_batch_size,
-                            self.cfg.train.seed, group_by_length=False)
+    def prompts_per_step(self) -> int:
+        return self.cfg.ppo.rollout_batch_size
 
     def updates_per_step(self) -> int:
         return self.cfg.ppo.ppo_epochs * math.ceil(self.cfg.ppo.rollout_batch_size / self.cfg.ppo.mini_batch_size)
