@@ -101,9 +101,9 @@ def commands(block: list[str]) -> list[str]:
     joined, pending = [], ""
     for line in block:
         if line.rstrip().endswith("\\"):
-            pending += line.rstrip()[:-1] + " "
+            pending += line.strip()[:-1].strip() + " "
             continue
-        text, pending = (pending + line).strip(), ""
+        text, pending = pending + line.strip(), ""
         if text and not text.startswith("#"):
             joined.append(text)
     return joined
@@ -223,7 +223,7 @@ def run_server(root: Path, setup: list[str], command: str, timeout: float) -> Re
         problem = f"request failed: {err}"
     finally:
         if server.poll() is None:
-            os.killpg(server.pid, signal.SIGINT)
+            os.killpg(server.pid, signal.SIGTERM)  # SIGINT may be ignored: a background job inherits that
             try:
                 server.wait(30)
             except subprocess.TimeoutExpired:

@@ -57,7 +57,7 @@ def test_checked_blocks_are_the_using_it_section_and_marked_ones():
     blocks = readme_check.readme_blocks(SAMPLE)
     assert [readme_check.commands(block) for block in blocks] == [
         [". .venv/bin/activate", "tunelab train a.yaml --overwrite     # a comment",
-         'tunelab chat runs/a  --prompt "Hi # not a comment"'],
+         'tunelab chat runs/a --prompt "Hi # not a comment"'],
         ["tunelab config-keys"]]
     assert readme_check.tunelab_command('tunelab chat runs/a --prompt "Hi # x"  # comment') == [
         "tunelab", "chat", "runs/a", "--prompt", "Hi # x"]
@@ -101,7 +101,7 @@ def test_every_readme_command_runs_in_order(ran):
 def test_readme_commands_do_what_their_comments_say(ran):
     first, other, resumed = _outputs(ran, "tunelab train")
     assert "done: 8 steps" in first and "done: 8 steps" in other  # 16 examples, batch 8, 4 epochs
-    assert "train.epochs: 4 -> 5" in resumed and "done: 10 steps" in resumed  # on from step 8, one more epoch
+    assert "train.epochs: 4.0 -> 5.0" in resumed and "done: 10 steps" in resumed  # on from step 8, one more epoch
     assert _outputs(ran, "tunelab --version")[0].startswith("tunelab ")
     session = next(r.output for r in ran if r.command.split("#")[0].strip() == "tunelab chat runs/quickstart")
     assert "tunelab chat with runs/quickstart (lora on" in session and "Commands (tunelab handles them" in session
