@@ -1,24 +1,25 @@
-"""Sequence views over a cached Arrow file: what the trainers index, memory-mapped.
+"""Sequence views over a cached Arrow file: what the trainers index, without loading it.
 
 :class:`ExampleView` behaves like the list of examples the trainers used to get (``len``,
 ``view[i]``, iteration) and returns the same :class:`Example`/:class:`PairExample`/
-:class:`UnpairedExample`/:class:`PromptExample` objects, built on demand from the file; its
-``lengths`` array (int32, 4 bytes per example) is all it keeps in memory.
+:class:`UnpairedExample`/:class:`PromptExample` objects, built on demand from the file.
 
-Why the resident set stays flat: the file is memory-mapped, and pages of a mapping that have
-been read count towards the process's resident memory until the kernel needs them back, so an
-epoch over a 2 GB cache would show 2 GB more "RSS" although nothing was copied. The view
-therefore tells the kernel to unmap what it has read (``madvise(MADV_DONTNEED)``) once an
-estimate of the pages it touched passes :data:`RELEASE_BYTES`; the pages stay in the page
-cache, and reading them again costs a minor page fault, not disk I/O. The mapping is also
-marked ``MADV_RANDOM``: training reads examples in shuffled order, and without it every read
-maps its neighbourhood too (read-ahead, fault-around: 64 KiB or more per read), which made a
-random epoch over a 1M-example cache hold 1.3 GB of it (measured).
+How it reads: the file (an Arrow IPC stream) is memory-mapped once to find, without copying,
+where each record batch keeps its columns; the small per-row arrays are copied out (list and
+string offsets, 4 bytes per row and column; ``lengths``, 4 bytes per example; boolean flags,
+1 byte), and the token ids themselves are then read with ``pread`` at their place in the file,
+one row (or, when iterating, one record batch) at a time. Why not read them through the
+mapping: pages of a mapping stay in the process's resident set once touched, and with large
+page-cache folios one random read maps up to megabytes around it; an epoch in shuffled order
+over a 1M-example cache then held 1.3-1.9 GB of it (measured). Read with ``pread``, the data
+stays in the kernel's page cache (shared, evictable) and the resident set holds only what the
+current batch uses.
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, overload
@@ -28,30 +29,54 @@ import pyarrow as pa
 
 from tunelab.data.columns import PAYLOAD, Encoded, Kind, from_row
 
-RELEASE_BYTES = 64 * 2**20
-#: What one read of a list column may map, beyond the bytes it reads (a fault-around window).
-_PER_READ = 64 * 2**10
-
 
 class _Column:
-    """One column of a chunked table as numpy arrays: per chunk, list offsets and values (lists of
-    ids), or the values themselves (scalars); Python objects (strings) stay Arrow."""
+    """One column of the file's record batches: variable-length values (token lists, strings) are read
+    from the file on demand; fixed-width flags are kept in memory."""
 
-    def __init__(self, chunks: list[pa.Array]):
-        self.is_list = pa.types.is_list(chunks[0].type) if chunks else False
-        self.offsets = [np.asarray(c.offsets) for c in chunks] if self.is_list else []
-        self.values = [np.asarray(c.values) if self.is_list else _scalars(c) for c in chunks]
+    def __init__(self, fd: int, base: int, chunks: list[pa.Array]):
+        self.fd = fd
+        self.variable = bool(chunks) and (pa.types.is_list(chunks[0].type) or pa.types.is_string(chunks[0].type))
+        self.text = bool(chunks) and pa.types.is_string(chunks[0].type)
+        if self.variable:  # offsets copied (int32): the map is let go once the file is indexed
+            self.offsets = [np.frombuffer(c.buffers()[1], np.int32)[c.offset:c.offset + len(c) + 1].copy()
+                            for c in chunks]
+            self.positions = [self._data_address(c) - base for c in chunks]
+        else:
+            self.flags = [c.to_numpy(zero_copy_only=False).copy() for c in chunks]
+
+    def _data_address(self, chunk: pa.Array) -> int:
+        if self.text:
+            return chunk.buffers()[2].address
+        values = chunk.values
+        return values.buffers()[1].address + values.offset * 4
+
+    def _read(self, chunk: int, start: int, stop: int) -> bytes:
+        width = 1 if self.text else 4
+        return os.pread(self.fd, (stop - start) * width, self.positions[chunk] + start * width)
 
     def get(self, chunk: int, row: int) -> Any:
-        if self.is_list:
-            offsets = self.offsets[chunk]
-            return self.values[chunk][offsets[row]:offsets[row + 1]].tolist()
-        value = self.values[chunk][row]
-        return value.as_py() if isinstance(value, pa.Scalar) else value.item()
+        if not self.variable:
+            return self.flags[chunk][row].item()
+        offsets = self.offsets[chunk]
+        return self._decode(self._read(chunk, int(offsets[row]), int(offsets[row + 1])))
 
+    def rows(self, chunk: int) -> Any:
+        """A reader of one record batch's values, the batch's bytes read in one call: ``rows(chunk)(row)``
+        gives one value (converted only then: a batch of Python int lists would be ~100 MB)."""
+        if not self.variable:
+            flags = self.flags[chunk]
+            return lambda row: flags[row].item()
+        offsets = self.offsets[chunk]
+        data = self._read(chunk, int(offsets[0]), int(offsets[-1]))
+        relative = offsets - offsets[0]
+        if self.text:
+            return lambda row: data[relative[row]:relative[row + 1]].decode("utf-8")
+        values = np.frombuffer(data, dtype=np.int32)
+        return lambda row: values[relative[row]:relative[row + 1]].tolist()
 
-def _scalars(chunk: pa.Array) -> Any:
-    return chunk if pa.types.is_string(chunk.type) else chunk.to_numpy(zero_copy_only=False)
+    def _decode(self, data: bytes) -> Any:
+        return data.decode("utf-8") if self.text else np.frombuffer(data, dtype=np.int32).tolist()
 
 
 class ExampleView(Sequence[Encoded]):
@@ -59,17 +84,21 @@ class ExampleView(Sequence[Encoded]):
 
     def __init__(self, path: str | Path, kind: Kind):
         self.path, self.kind = Path(path), kind
-        with open(self.path, "rb") as handle:
-            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        if hasattr(self._map, "madvise"):
-            self._map.madvise(mmap.MADV_RANDOM)
-        batches = pa.ipc.open_stream(pa.py_buffer(self._map)).read_all().to_batches()  # zero-copy
-        self._starts = np.cumsum([0] + [b.num_rows for b in batches])
-        self._columns = {name: _Column([b.column(name) for b in batches]) for name in PAYLOAD[kind]}
-        self._lists = sum(column.is_list for column in self._columns.values())
-        self.lengths: np.ndarray = np.concatenate([np.zeros(0, dtype=np.int32)]
-                                                  + [np.asarray(b.column("length")) for b in batches])
-        self._read = 0
+        self._fd = os.open(self.path, os.O_RDONLY)
+        mapped = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+        self._starts, self._columns, self.lengths = self._index(mapped)
+        mapped.close()  # reached only when nothing points into it any more
+
+    def _index(self, mapped: mmap.mmap) -> tuple[np.ndarray, dict[str, _Column], np.ndarray]:
+        """Row starts of the record batches, the columns, and the lengths, read through the map
+        without copying the data."""
+        buffer = pa.py_buffer(mapped)
+        batches = pa.ipc.open_stream(buffer).read_all().to_batches()
+        starts = np.cumsum([0] + [b.num_rows for b in batches])
+        columns = {name: _Column(self._fd, buffer.address, [b.column(name) for b in batches])
+                   for name in PAYLOAD[self.kind]}
+        lengths = np.concatenate([np.zeros(0, dtype=np.int32)] + [np.array(b.column("length")) for b in batches])
+        return starts, columns, lengths
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -88,29 +117,23 @@ class ExampleView(Sequence[Encoded]):
             raise IndexError(f"example {index} of {size}")
         index %= size
         chunk = int(np.searchsorted(self._starts, index, side="right")) - 1
-        return self._example(chunk, index - int(self._starts[chunk]))
+        row = index - int(self._starts[chunk])
+        return from_row(self.kind, lambda name: self._columns[name].get(chunk, row))
 
     def __iter__(self) -> Iterator[Encoded]:
         for chunk in range(len(self._starts) - 1):
+            readers = {name: column.rows(chunk) for name, column in self._columns.items()}
             for row in range(int(self._starts[chunk + 1] - self._starts[chunk])):
-                yield self._example(chunk, row)
-
-    def _example(self, chunk: int, row: int) -> Encoded:
-        example = from_row(self.kind, lambda name: self._columns[name].get(chunk, row))
-        self._release_after(8 * int(self.lengths[int(self._starts[chunk]) + row]) + self._lists * _PER_READ)
-        return example
-
-    def _release_after(self, nbytes: int) -> None:
-        """Count what reads may have mapped (ids and labels, 4 bytes a token, plus a fault-around window per
-        list column read); past :data:`RELEASE_BYTES`, unmap it."""
-        self._read += nbytes
-        if self._read >= RELEASE_BYTES and hasattr(self._map, "madvise"):
-            self._map.madvise(mmap.MADV_DONTNEED)
-            self._read = 0
+                yield from_row(self.kind, lambda name: readers[name](row))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        """Pickled as its path: a worker process maps the file itself."""
+        """Pickled as its path: a worker process opens the file itself."""
         return ExampleView, (self.path, self.kind)
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
 
     def __repr__(self) -> str:
         return f"ExampleView({str(self.path)!r}, {self.kind!r}, {len(self)} examples)"
