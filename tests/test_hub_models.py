@@ -104,6 +104,17 @@ def test_revision_of_a_local_model_is_refused(tiny_model_dir):
         load_base(ModelConfig(name_or_path=str(tiny_model_dir), revision="v2"), torch.device("cpu"))
 
 
+def test_damaged_weights_in_the_hub_cache_say_to_delete_that_models_folder(offline_hub, tiny_model_dir, tmp_path,
+                                                                          monkeypatch):
+    files = shutil.copytree(tiny_model_dir, tmp_path / "files")
+    (files / "model.safetensors").write_bytes((files / "model.safetensors").read_bytes()[:500])
+    lay_out_snapshot(tmp_path / "hub", "someone/broken", MAIN, "main", files)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(TunelabError, match=rf"cannot be read: .*snapshots/{MAIN}/model.safetensors .*Delete "
+                                           rf"{tmp_path / 'hub' / 'models--someone--broken'} \(that model's folder"):
+        load_base(ModelConfig(name_or_path="someone/broken"), torch.device("cpu"))
+
+
 @pytest.fixture
 def hub_run(offline_hub, tmp_path):
     config = tmp_path / "run.yaml"

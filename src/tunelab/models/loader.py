@@ -228,13 +228,14 @@ def damaged_weights(directory: Path, err: Exception, fix: str | None = None) -> 
         except (SafetensorError, OSError) as problem:
             broken.append(f"{file} ({problem})")
     where = "; ".join(broken) if broken else f"a .safetensors file in {directory} ({err})"
-    if fix is None and directory.is_relative_to(cache_root()):
-        fix = f"Delete {directory}; tunelab rebuilds it from the GGUF file on the next run."
-    elif fix is None and directory.is_relative_to(hub_cache_dir()):
-        fix = (f"Delete {directory.parent.parent} (that model's folder in the hub cache); the next run downloads "
-               "it again.")
-    elif fix is None:
-        fix = "Copy or download the model files again (compare sizes or checksums with the source)."
+    if fix is None:
+        if directory.is_relative_to(cache_root()):
+            fix = f"Delete {directory}; tunelab rebuilds it from the GGUF file on the next run."
+        elif directory.is_relative_to(hub_cache_dir()):
+            fix = (f"Delete {directory.parent.parent} (that model's folder in the hub cache); the next run "
+                   "downloads it again.")
+        else:
+            fix = "Copy or download the model files again (compare sizes or checksums with the source)."
     return TunelabError(f"the model weights cannot be read: {where}. The file is truncated or corrupted (an "
                         f"interrupted download or copy, or a full disk). {fix}")
 
