@@ -142,7 +142,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="3 steps each: a smoke test")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
-    parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of grpo,ppo,sft")
+    parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of grpo,ppo,sft to run "
+                                                               "(the others are reported from --out)")
     parser.add_argument("--png", type=Path, default=ROOT / "benchmarks" / "results" / "grpo_smollm2.png")
     parser.add_argument("--worker", choices=RUNS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -160,7 +161,9 @@ def main() -> None:
         # OpenMP threads that sleep while they wait (as the CLI sets): spinning on a shared machine is many times slower.
         env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "TOKENIZERS_PARALLELISM": "false"}
         subprocess.run(command, check=True, cwd=ROOT, env=env)
-    records = {name: json.loads((args.out / f"{name}.json").read_text()) for name in names}
+    # Runs not repeated this time report their last results from --out.
+    records = {name: json.loads((args.out / f"{name}.json").read_text()) for name in RUNS
+               if (args.out / f"{name}.json").is_file()}
     for name in ("grpo", "ppo"):
         if name in records:
             print(f"{name} mean reward per step: " + " ".join(f"{v:.2f}" for v in rewards(records[name])))

@@ -9,7 +9,8 @@ Starts `tunelab serve` on a free 127.0.0.1 port, sends one warm-up request, then
 `--requests` greedy chats (distinct alpaca-style prompts, one fixed `max_tokens`; an answer
 may end earlier at its end of turn, as it would alone) first sequentially from one client,
 then concurrently from one thread per request. Prints both
-wall times, their ratio, and whether every concurrent answer equals its sequential one.
+wall times, their ratio, and whether every concurrent answer equals its sequential one; also
+the server's CPU seconds in each phase, a ratio that other jobs on a shared machine move less.
 Exits 1 unless the concurrent run takes at most a quarter of the sequential time with
 identical outputs. Writes benchmarks/results/serve-batching.json.
 """
@@ -83,8 +84,11 @@ def main() -> None:
         bodies = [chat_body(model, prompt, args.max_tokens) for prompt in load_prompts(args.requests)]
         sequential(server, bodies[:1])  # warm-up: first-call allocations are nobody's fault
         load_before = load_average()
+        cpu_start = server.cpu_seconds()
         alone, sequential_s = sequential(server, bodies)
+        cpu_middle = server.cpu_seconds()
         together, concurrent_s = concurrent(server, bodies)
+        cpu_end = server.cpu_seconds()
         load_after = load_average()
     differing = [i for i, (a, b) in enumerate(zip(alone, together)) if a != b]
     ratio = sequential_s / concurrent_s
@@ -92,6 +96,8 @@ def main() -> None:
         "run": args.run, "model": model, "requests": args.requests, "max_tokens": args.max_tokens,
         "max_batch_size": args.max_batch_size, "generated_tokens": sum(tokens for _, tokens in alone),
         "sequential_s": round(sequential_s, 1), "concurrent_s": round(concurrent_s, 1), "ratio": round(ratio, 2),
+        "sequential_cpu_s": round(cpu_middle - cpu_start, 1), "concurrent_cpu_s": round(cpu_end - cpu_middle, 1),
+        "cpu_ratio": round((cpu_middle - cpu_start) / max(cpu_end - cpu_middle, 0.01), 2),
         "identical_outputs": not differing, "differing_requests": differing,
         "load_average_before": load_before, "load_average_after": load_after,
     }

@@ -148,11 +148,14 @@ def test_ctrl_c_during_an_answer_stops_that_answer_not_the_session(tiny_model_di
         time.sleep(0.01)
 
     hook = loaded.model.register_forward_pre_hook(forward_then_ctrl_c)
+    # Python's own Ctrl-C handler, as in a terminal (a shell's background job starts with SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     threads = threading.active_count()
     try:
         partial_answer = session.answer("Who are you?")
     finally:
         hook.remove()
+        signal.signal(signal.SIGINT, previous)
     assert session.stopped and out.getvalue().rstrip().endswith(STOPPED)
     assert len(forwards) < 20, "generation must stop at the next token, not run on to 300"
     assert threading.active_count() == threads, "the generating thread must have ended with the answer"

@@ -11,7 +11,7 @@ from tunelab.config import GRPOConfig, build_config
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.inference import load_run
 from tunelab.train import run_stage
-from tunelab.train.grpo import check_grpo_config, clip_range, scales_rewards
+from tunelab.train.grpo import check_grpo_config, clip_range, contiguous_head_input, scales_rewards
 from tunelab.train.rewards import load_reward_fn
 from tunelab.train.stages import get_stage
 
@@ -150,3 +150,27 @@ def test_loss_aware_defaults():
     assert clip_range(GRPOConfig(loss="bnpo", epsilon=0.1)) == (0.1, 0.1)
     assert scales_rewards(GRPOConfig(loss="grpo")) and not scales_rewards(GRPOConfig(loss="dr_grpo"))
     assert scales_rewards(GRPOConfig(loss="dr_grpo", scale_rewards=True))
+
+
+def test_generation_feeds_the_head_a_contiguous_input_and_samples_the_same(model, tokenizer):
+    """The prefill's last-position slice reaches the head contiguous (no weight broadcast), same tokens."""
+    head, seen = model.get_output_embeddings(), []
+
+    def spy(module, args):
+        seen.append(args[0].is_contiguous())
+
+    ids = torch.tensor([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]])
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                  pad_token_id=0)
+    handle = head.register_forward_pre_hook(spy)
+    plain = model.generate(**kwargs)
+    handle.remove()
+    assert seen[0] is False  # what generate hands the head at the prefill: a strided slice
+    seen.clear()
+    with contiguous_head_input(model):
+        handle = head.register_forward_pre_hook(spy)  # runs after the block's own hook
+        fixed = model.generate(**kwargs)
+        handle.remove()
+    assert seen == [True] * 3
+    torch.testing.assert_close(fixed, plain)
+    assert not head._forward_pre_hooks  # the hook is gone after the block

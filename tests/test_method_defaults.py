@@ -99,8 +99,8 @@ def test_lr_auto_resolves_per_family_and_stage():
     assert set(LR_FAMILY) == set(method_config_classes())  # every method has a measured family
     lr = {name: build_config({"method": {"type": name}}).train.lr for name in LR_FAMILY}
     assert lr == {name: SFT_LR[LR_FAMILY[name]] for name in LR_FAMILY}
-    assert lr["full"] == lr["freeze"] < lr["lora"] < lr["ia3"] < lr["prompt"]
-    assert lr["lora"] < lr["ptuning_v2"] and lr["houlsby"] > lr["full"]
+    assert lr["full"] < lr["freeze"] < lr["lora"] < lr["adalora"] < lr["prompt"] == lr["ia3"]
+    assert lr["dora"] == lr["qlora"] == lr["lora"] and lr["prefix"] < lr["ptuning_v2"]  # an MLP amplifies steps
     for stage in RL_STAGES:  # the RL stages keep their own, stage-aware rate
         assert build_config({"stage": stage, "method": {"type": "prompt"}}).train.lr == default_lr("prompt", stage)
         assert default_lr("full", stage) < default_lr("lora", stage)

@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from tunelab.errors import ConfigError  # noqa: E402
 from tunelab.inference import load_run  # noqa: E402
 from tunelab.serve import app as serve_app  # noqa: E402
+from tunelab.serve import heap  # noqa: E402
 from tunelab.serve.app import create_app  # noqa: E402
 from tunelab.serve.engine import Engine, ServedModel  # noqa: E402
 from tunelab.serve.hf_backend import TransformersBackend  # noqa: E402
@@ -150,12 +151,14 @@ def test_access_warnings():
 def test_serve_main_warns_at_startup_without_a_key(engine, monkeypatch, caplog):
     uvicorn = pytest.importorskip("uvicorn")
     started: list[dict[str, Any]] = []
+    heaps: list[bool] = []  # the real one would change malloc settings for the rest of this test process
+    monkeypatch.setattr(heap, "configure_heap", lambda: heaps.append(True))
     monkeypatch.setattr(serve_app, "build_engine", lambda runs, backend, size: engine)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: started.append(kwargs))
     monkeypatch.delenv("TUNELAB_API_KEY", raising=False)
     with caplog.at_level(logging.WARNING, logger="tunelab.serve"):
         serve_app.serve_main(["run"], "0.0.0.0", 8123, None, "transformers", 4, ServeLimits())
-    assert started == [{"host": "0.0.0.0", "port": 8123, "log_level": "info"}]
+    assert started == [{"host": "0.0.0.0", "port": 8123, "log_level": "info"}] and heaps == [True]
     assert any("WITHOUT AN API KEY ON 0.0.0.0" in r.message for r in caplog.records if r.levelno == logging.WARNING)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="tunelab.serve"):

@@ -21,7 +21,7 @@ from tunelab.runs import RunDir, list_runs  # noqa: E402
 from tunelab.webui.driver import WAIT_S, UIServer, choose, metric_points, type_into, wait_until, words  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "llamafactory"
-STEPS = 150  # long enough to kill the server mid-run; the run memorises its three answers
+STEPS = 500  # the run memorises its three answers; it is frozen (SIGSTOP) while the server restarts
 PROMPT = "Who are you?"
 MAX_NEW_TOKENS = 128  # the Chat view's default
 
@@ -61,7 +61,7 @@ def test_train_watch_survive_a_server_restart_and_chat(ui, browser, tiny_model_d
     type_into(page, "cfg-train-lr", "0.01")
     choose(page, "cfg-train-precision", "fp32")
     type_into(page, "train-name", "browser-run")
-    wait_until(lambda: "max_steps: 150" in page.locator("#train-yaml").inner_text(), "the YAML to follow the form")
+    wait_until(lambda: f"max_steps: {STEPS}" in page.locator("#train-yaml").inner_text(), "the YAML to follow the form")
     page.locator("#train-start").click()
     wait_until(lambda: "browser-run" in page.locator("#train-message").inner_text(), "the run to be queued")
     run = RunDir(ui.runs_dir / "browser-run")
@@ -73,13 +73,20 @@ def test_train_watch_survive_a_server_restart_and_chat(ui, browser, tiny_model_d
     assert grown > first
     assert page.locator("#runs-plot img").count() == 1
 
-    # Kill the server mid-run: the run goes on; a new server re-attaches to it.
-    ui.kill()
+    # Kill the server mid-run: the run goes on; a new server re-attaches to it. The training process is
+    # frozen meanwhile, so that a fast machine cannot finish the run before the server is gone.
     status = run.read_status()
-    assert status.status == "running", f"the run ended before the server was killed ({status}); raise STEPS"
-    ui.start()
-    page.reload()
-    page.get_by_role("tab", name="Runs").click()
+    os.kill(status.pid, signal.SIGSTOP)
+    try:
+        status = run.read_status()
+        assert status.status == "running" and status.step < STEPS, f"the run ended before it was frozen ({status})"
+        ui.kill()
+        ui.start()
+        page.reload()
+        page.get_by_role("tab", name="Runs").click()
+        wait_until(lambda: "running" in page.locator("#runs-detail").inner_text(), "the new server to see the run")
+    finally:
+        os.kill(status.pid, signal.SIGCONT)
     wait_until(lambda: "finished" in page.locator("#runs-detail").inner_text(), "the run to finish")
     wait_until(lambda: metric_points(page) == STEPS, "the complete curve")
     assert [row["step"] for row in run.read_metrics() if "loss" in row] == list(range(1, STEPS + 1))

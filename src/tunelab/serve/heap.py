@@ -1,12 +1,12 @@
-"""The server process's C heap (glibc): few arenas, and freed memory handed back when idle.
+"""The server process's C heap (glibc): few arenas, large blocks unmapped, memory handed back when idle.
 
 Why: PyTorch's CPU tensors come from ``malloc``. glibc gives threads that allocate their own
-arenas (up to eight per core) and the server has many threads (the generation worker, the
-request thread pool), each arena keeping the KV caches and activations freed in it; and
-glibc raises its mmap threshold with every large free, so big blocks stop going back to
-the system. A server soaked with 192 requests (benchmarks/serve_soak.py) ended 127 MB
-above its size after warm-up with only :func:`release_freed_memory`; with two arenas as
-well, 15 MB. On other C libraries both functions do nothing.
+arenas (up to eight per core; the server has a generation worker and a request thread
+pool), each keeping what was freed in it, and raises its mmap threshold with every large
+free, so freed KV caches and activations stay in the heaps. Soaked with 192 requests
+(benchmarks/serve_soak.py, SmolLM2), a server that trimmed its heaps when idle ended 127 MB
+above its size after warm-up, 302 MB when also limited to two arenas, and 12 MB with the
+fixed mmap threshold as well. On other C libraries these functions do nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +17,12 @@ from typing import Any
 
 import torch
 
-_M_ARENA_MAX = -8  # mallopt parameter (glibc malloc.h)
+# mallopt parameters (glibc malloc.h)
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+#: Blocks from this size up are mapped on their own and unmapped when freed (a fixed threshold
+#: also stops glibc from raising it after each large free).
+MMAP_THRESHOLD = 256 * 1024
 
 
 def _load_glibc() -> Any:
@@ -32,10 +37,12 @@ def _load_glibc() -> Any:
 _GLIBC = _load_glibc()
 
 
-def limit_arenas(count: int = 2) -> None:
-    """Let at most ``count`` malloc arenas exist; call before the server starts its threads."""
+def configure_heap(arenas: int = 2) -> None:
+    """At most ``arenas`` malloc arenas, and large blocks returned when freed; call before the
+    server loads its model and starts its threads."""
     if _GLIBC is not None:
-        _GLIBC.mallopt(_M_ARENA_MAX, count)
+        _GLIBC.mallopt(_M_ARENA_MAX, arenas)
+        _GLIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def release_freed_memory() -> None:

@@ -84,6 +84,14 @@ class LocalServer:
             raise TunelabError("the server's RSS cannot be read (it has exited, or this is not Linux).")
         return rss / 2 ** 20
 
+    def cpu_seconds(self) -> float:
+        """CPU time the server has used so far (user + system, all threads; Linux): unlike wall
+        time, it does not count the time other processes on a shared machine took."""
+        assert self.process is not None
+        with open(f"/proc/{self.process.pid}/stat", encoding="ascii") as handle:
+            fields = handle.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def log_tail(self, lines: int = 60) -> str:
         self.log.seek(0)
         return "".join(self.log.readlines()[-lines:])
