@@ -321,6 +321,11 @@ class GRPOConfig(Section):
                                                                "dapo, 4e-4 for gspo, else epsilon.")
     num_iterations: int = Field(1, gt=0, description="Optimizer updates per batch of completions; above 1 the "
                                                      "sampling policy's log-probs are kept for the ratio.")
+    rollout_backend: Literal["auto", "transformers", "vllm"] = Field(
+        "auto", description="What samples the completions: vllm (a CUDA GPU with vllm installed; plain LoRA, "
+                            "unquantised, one process), transformers generate, or auto = vllm where it can.")
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, lt=1, description="vllm rollouts: share of the GPU's "
+                                                                            "memory vLLM may take (the rest trains).")
 
 
 class RunConfig(Section):

@@ -29,6 +29,7 @@ rewards use.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, NamedTuple
@@ -46,6 +47,7 @@ from tunelab.train.ppo import response_outputs
 from tunelab.train.reference import ReferenceModel
 from tunelab.train.reward_fns import resolve_rewards, reward_metrics, score_rewards, total_reward
 from tunelab.train.rollout import Rollout, generation_config, sample_rollout
+from tunelab.train.vllm_rollout import VllmSampler, rollout_backend
 
 
 class ClipRange(NamedTuple):
@@ -86,6 +88,7 @@ def check_grpo_config(cfg: RunConfig) -> None:
         raise ConfigError(f"stage grpo takes one optimizer step per update over all completions of a step; "
                           f"train.grad_accum={cfg.train.grad_accum} has no meaning there. Set train.grad_accum=1 "
                           "(train.batch_size sets the rows of each accumulated micro-batch).")
+    rollout_backend(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun's; the config check precedes the launch
 
 
 @dataclass
@@ -147,6 +150,8 @@ class GRPOTrainer(RolloutTrainer):
         loaded = LoadedRun(model, self.tokenizer, self.data.template, cfg, self.method, str(self.run_dir.root))
         self.stop_ids = stop_token_ids(loaded)
         self.generation = generation_config(grpo, self.stop_ids, self.tokenizer.pad_token_id)
+        backend = rollout_backend(cfg, self.accelerator.num_processes)
+        self.vllm = VllmSampler(cfg, self.method) if backend == "vllm" else None
         self.clip = clip_range(grpo)
         self.micro = cfg.train.batch_size
         # Optimizer updates so far (AdaLoRA's schedule counts them), from the step on the first update.
@@ -170,6 +175,13 @@ class GRPOTrainer(RolloutTrainer):
     def _row_chunks(self, size: int) -> list[torch.Tensor]:
         return list(torch.arange(size, device=self.device).split(self.micro))
 
+    def _sample(self, examples: list[PromptExample]) -> Rollout:
+        """One completion per example, from vLLM or from ``generate`` (``grpo.rollout_backend``)."""
+        if self.vllm is not None:
+            return self.vllm.sample(self.policy, examples, self.tokenizer, self.generation, self.device)
+        with contiguous_head_input(self.policy):
+            return sample_rollout(self.policy, examples, self.tokenizer, self.generation, self.device)
+
     @torch.no_grad()
     def collect(self, indices: list[int]) -> Group:
         """Steps 2-5 of the module docstring."""
@@ -177,8 +189,7 @@ class GRPOTrainer(RolloutTrainer):
         examples = [self.data.train[i] for i in indices for _ in range(grpo.num_generations)]
         self.policy.eval()
         with self.accelerator.autocast():
-            with contiguous_head_input(self.policy):
-                rollout = sample_rollout(self.policy, examples, self.tokenizer, self.generation, self.device)
+            rollout = self._sample(examples)
             old, ref = [], []
             for index in self._row_chunks(rollout.size) if grpo.num_iterations > 1 or self.reference else []:
                 batch = rollout.rows(index)
@@ -264,4 +275,5 @@ class GRPOTrainer(RolloutTrainer):
         return [f"grpo ({grpo.loss} loss, {grpo.advantage} advantage) with method {self.method.name}: "
                 f"{self.trainable_params:,} trainable of {self.total_params:,} parameters; {len(self.data.train)} "
                 f"prompts; {self.total_steps} steps of {grpo.prompts_per_step} prompts x {grpo.num_generations} "
-                f"completions; rewards {names}; lr {self.cfg.train.lr:g}"]
+                f"completions sampled by {'vllm' if self.vllm is not None else 'transformers'}; rewards {names}; "
+                f"lr {self.cfg.train.lr:g}"]

@@ -106,11 +106,18 @@ def build_rollout(prompts: list[list[int]], responses: list[list[int]], pad_id: 
 def sample_rollout(policy: nn.Module, examples: list[PromptExample], tokenizer, config: GenerationConfig,
                    device: torch.device) -> Rollout:
     """Generate one response per prompt with the policy (left-padded batch, sampling)."""
+    encoded = left_pad([e.prompt_ids for e in examples], config.pad_token_id, device)
+    output = policy.generate(**encoded, generation_config=config)
+    return rollout_from_samples(examples, output[:, encoded["input_ids"].shape[1]:].tolist(), tokenizer, config,
+                                device)
+
+
+def rollout_from_samples(examples: list[PromptExample], generated: list[list[int]], tokenizer,
+                         config: GenerationConfig, device: torch.device) -> Rollout:
+    """The rollout of sampled token ids, whichever engine sampled them: each response cut
+    after its first stop token, decoded for the reward functions, laid out as rows."""
     stop_ids = set(config.eos_token_id)
     prompt_ids = [e.prompt_ids for e in examples]
-    encoded = left_pad(prompt_ids, config.pad_token_id, device)
-    output = policy.generate(**encoded, generation_config=config)
-    generated = output[:, encoded["input_ids"].shape[1]:].tolist()
     responses = [_cut_at_stop(tokens, stop_ids) for tokens in generated]
     texts = [tokenizer.decode([t for t in r if t not in stop_ids], skip_special_tokens=True).strip()
              for r in responses]
