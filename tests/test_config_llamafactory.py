@@ -12,6 +12,8 @@ from tunelab.config import load_config
 from tunelab.config_llamafactory import convert, is_llamafactory, read_llamafactory
 from tunelab.errors import ConfigError
 
+from test_hub_models import REPO, V2, hf_home, offline_hub  # noqa: F401  (fixtures)
+
 FIXTURES = Path(__file__).parent / "fixtures" / "llamafactory"
 CONFIGS = FIXTURES / "train_lora"
 runner = CliRunner()
@@ -169,3 +171,37 @@ def test_train_runs_the_sft_example_unchanged(tiny_model_dir, tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     assert any("eval_loss" in r for r in rows)  # val_size 1 held out, evaluated every 2 steps
+
+
+# The model keys of LLaMA-Factory's examples/train_qlora/qwen3_lora_sft_{otfq,bnb_npu}.yaml beyond train_lora's,
+# and model_revision (its ModelArguments: a branch, tag or commit; default "main").
+QLORA_KEYS = {"quantization_bit": 4, "quantization_method": "bnb", "double_quantization": False}
+
+
+def test_model_revision_and_the_qlora_example_model_keys_map_onto_model():
+    tree = {**lf_tree("sft"), **QLORA_KEYS, "model_revision": "v2"}
+    conversion = convert(tree, "lf.yaml")
+    cfg = conversion.config()
+    assert cfg.model.revision == "v2" and cfg.model.quantization == "4bit" and cfg.model.double_quant is False
+    assert cfg.method.type == "qlora"
+    assert "model_revision" not in conversion.ignored and "revision: v2" in conversion.to_yaml()
+    main = convert({"model_name_or_path": str(FIXTURES), "model_revision": "main"}).config()
+    assert main.model.revision is None  # LLaMA-Factory's default; also right for a local model
+    with pytest.raises(ConfigError, match=r"lf\.yaml: quantization_method 'hqq' is not supported.*bitsandbytes"):
+        convert({**tree, "quantization_method": "hqq"}, "lf.yaml")
+
+
+def test_model_loading_keys_without_effect_are_reported_and_the_token_never_printed():
+    secret = "hf_not_a_real_token"
+    conversion = convert({"model_name_or_path": "m", "cache_dir": "/models", "hf_hub_token": secret,
+                          "low_cpu_mem_usage": True, "print_param_status": True}, "lf.yaml")
+    assert {"cache_dir", "hf_hub_token", "low_cpu_mem_usage", "print_param_status"} <= set(conversion.ignored)
+    assert "HF_HUB_CACHE" in conversion.ignored["cache_dir"] and "HF_TOKEN" in conversion.ignored["hf_hub_token"]
+    assert secret not in conversion.notice() + conversion.to_yaml()
+
+
+def test_model_revision_selects_the_hub_snapshot(offline_hub):
+    from tunelab.models.loader import model_directory
+
+    cfg = convert({"model_name_or_path": REPO, "model_revision": "v2", "dataset": "identity"}).config()
+    assert model_directory(cfg.model) == offline_hub / "hub" / "models--tunelab-test--tiny-llama" / "snapshots" / V2

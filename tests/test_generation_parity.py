@@ -3,7 +3,7 @@
 For each registered method type, one run is trained for a few steps through the real
 trainer on a tiny model, and the greedy answers of every user-facing generation path --
 ``chat`` (streamed), ``predict`` (batched, left-padded), ``eval --task generation`` and the
-server's transformers backend -- must equal a reference loop of plain forward passes
+server's transformers backend, and the RL stages' rollouts -- must equal a reference loop of plain forward passes
 (no cache, one prompt at a time) on the same loaded run, and differ from what the base
 model answers. A path that loses what the method learned (a key/value prefix dropped by
 the generation cache, an adapter switched off, wrong positions after padding) fails here.
@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from tunelab.config import build_config
 from tunelab.data.records import Message
@@ -25,6 +27,7 @@ from tunelab.methods import METHODS
 from tunelab.predict import predict_records
 from tunelab.testing.tiny import tiny_llama, tiny_tokenizer
 from tunelab.train import run_stage
+from tunelab.train.rollout import sample_rollout
 
 CPU = torch.device("cpu")
 NEW_TOKENS = 8
@@ -144,6 +147,15 @@ def served_answers(run: Path, questions: list[str]) -> list[str]:
     return answers
 
 
+def rollout_answers(loaded: LoadedRun, chats: list[list[Message]]) -> list[str]:
+    """What the RL stages' rollouts sample, decoded greedily: the policy as it trained."""
+    tokenizer = loaded.tokenizer
+    greedy = GenerationConfig(do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=[tokenizer.eos_token_id],
+                              pad_token_id=tokenizer.pad_token_id)
+    prompts = [SimpleNamespace(prompt_ids=encode_prompt(loaded, messages), prompt=messages) for messages in chats]
+    return sample_rollout(loaded.model, prompts, tokenizer, greedy, CPU).responses
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_path_answers_like_the_trained_model(method, runs, base_answers):
     loaded = load_run(runs[method], device=CPU)
@@ -161,6 +173,7 @@ def test_every_path_answers_like_the_trained_model(method, runs, base_answers):
                              max_new_tokens=NEW_TOKENS)
     assert [row["prediction"] for row in scored.rows] == [text.strip() for text in expected], "eval generation"
     assert served_answers(runs[method], QUESTIONS) == expected, "serve (transformers backend)"
+    assert rollout_answers(loaded, chats) == [text.strip() for text in expected], "RL rollouts (ppo, grpo)"
 
 
 def test_every_method_type_is_covered():

@@ -13,6 +13,7 @@ from tunelab.methods.bottleneck import AdapterFusion, BottleneckAdapter, MixAndM
 from tunelab.methods.bottleneck_layout import find_attached
 from tunelab.methods.bottleneck_modules import Fusion
 from tunelab.testing.tiny import tiny_llama
+from tunelab.virtual_tokens import generation_target
 
 TYPES = ["houlsby", "pfeiffer", "parallel", "mam"]
 ADAPTER_PREFIXES = ("tunelab_adapters.", "base_model.tunelab_adapters.", "prompt_encoder.")
@@ -117,7 +118,7 @@ def test_save_load_on_fresh_base_gives_identical_logits(trained, tokenizer, batc
 def test_generate_and_reference(trained, tokenizer, batch):
     model, method = trained["model"], trained["method"]
     prompt = tokenizer(["Who are you?"], return_tensors="pt")
-    out = model.generate(**prompt, max_new_tokens=4, do_sample=False)
+    out = generation_target(model).generate(**prompt, max_new_tokens=4, do_sample=False)
     assert out.shape == (1, prompt["input_ids"].shape[1] + 4)
     adapted = logits(model, batch)
     base = logits(tiny_llama(len(tokenizer)), batch)
@@ -327,7 +328,7 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(tokenizer, batc
     for checkpointing in (False, True):
         base = tiny_llama(len(tokenizer))
         if checkpointing:
-            base.gradient_checkpointing_enable()
+            base.activation_checkpointing_enable()
         torch.manual_seed(3)
         model = make_method("houlsby").apply(base, tokenizer).train()
         model(**batch, labels=batch["input_ids"]).loss.backward()

@@ -25,6 +25,7 @@ from tunelab.methods.base import Method, trainable_state
 from tunelab.methods.lora import LORAPLUS_DEFAULT_RATIO, AdaLora
 from tunelab.methods.prompts import TRAINABLE_FILE
 from tunelab.testing.tiny import tiny_llama
+from tunelab.virtual_tokens import generation_target
 
 LORA_FAMILY = ["lora", "dora", "rslora", "pissa", "loraplus", "adalora", "ia3"]
 PROMPT_METHODS = ["prefix", "prompt", "ptuning", "ptuning_v2"]
@@ -157,8 +158,10 @@ def test_merge_folds_the_adapter_into_plain_weights(trained, fresh_base, ids):
 
 
 def test_generate_works(trained, ids):
-    out = trained.model.generate(input_ids=ids[:1, :5], attention_mask=torch.ones(1, 5, dtype=torch.long),
-                                 max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    # tunelab's generation target: PeftModel.generate drops prompt-learning prefixes (see virtual_tokens)
+    out = generation_target(trained.model).generate(input_ids=ids[:1, :5],
+                                                    attention_mask=torch.ones(1, 5, dtype=torch.long),
+                                                    max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert out.shape == (1, 9)
     assert torch.equal(out[0, :5], ids[0, :5])
 

@@ -58,6 +58,10 @@ _IGNORED: dict[str, str] = {
     "enable_liger_kernel": "a kernel choice, not a training setting",
     "use_unsloth": "a kernel choice, not a training setting",
     "deepspeed": "DeepSpeed JSON configs are not read",
+    "cache_dir": "hub downloads go to the standard hub cache; set HF_HUB_CACHE (or HF_HOME) to move it",
+    "hf_hub_token": "credentials are not read from a config file; log in with `hf auth login` or set HF_TOKEN",
+    "low_cpu_mem_usage": "transformers 5 always loads weights without building a random copy first",
+    "print_param_status": "a debugging printout; `tunelab estimate` reports the trainable parameters",
 }
 
 #: LLaMA-Factory templates that are no model's own chat format, so a tokenizer does not carry
@@ -150,6 +154,20 @@ def _quantization_bit(value: Any, out: Conversion, lf: Mapping[str, Any]) -> Non
         raise ConfigError(f"{out.source}: quantization_bit {value!r} is not supported; tunelab quantizes the base "
                           "through bitsandbytes in 4 or 8 bits.")
     out.set("model.quantization", f"{value}bit")
+
+
+def _quantization_method(value: Any, out: Conversion, lf: Mapping[str, Any]) -> None:
+    """bitsandbytes (LLaMA-Factory's default) is how tunelab quantizes; hqq, eetq and the others are not."""
+    if value != "bnb":
+        raise ConfigError(f"{out.source}: quantization_method {value!r} is not supported; tunelab quantizes the base "
+                          "on the fly through bitsandbytes only (quantization_method: bnb, or leave it out).")
+
+
+def _model_revision(value: Any, out: Conversion, lf: Mapping[str, Any]) -> None:
+    """A branch, tag or commit of a hub model; LLaMA-Factory's default ``main`` is tunelab's unset
+    ``model.revision`` (which a local model must leave unset)."""
+    if value not in (None, "main"):
+        out.set("model.revision", str(value))
 
 
 def _precision(value: Any, out: Conversion, lf: Mapping[str, Any]) -> None:
@@ -283,7 +301,8 @@ _CONVERTERS: dict[str, Callable[[Any, Conversion, Mapping[str, Any]], None]] = {
     "finetuning_type": _finetuning_type, "lora_target": _lora_target,
     "additional_target": _split("method.modules_to_save"), "freeze_extra_modules": _split("method.trainable_modules"),
     "freeze_trainable_modules": _freeze_trainable_modules, "pissa_init": _pissa_init,
-    "quantization_bit": _quantization_bit, "bf16": _precision, "fp16": _precision, "pure_bf16": _precision,
+    "quantization_bit": _quantization_bit, "quantization_method": _quantization_method,
+    "model_revision": _model_revision, "bf16": _precision, "fp16": _precision, "pure_bf16": _precision,
     "flash_attn": _choice("model.attn_implementation", _ATTENTION),
     "optim": _choice("train.optimizer", _OPTIMIZERS), "lr_scheduler_type": _scheduler,
     "adam_beta1": _adam_betas, "adam_beta2": _adam_betas, "max_steps": _max_steps,

@@ -339,15 +339,11 @@ def complete(loaded: LoadedRun, rows: list[GenerationRow]) -> list[Completion]:
     width = encoded["input_ids"].shape[1]
     states = [_RowState(row, tokenizer, set(stop_ids)) for row in rows]
     kwargs = _decoding(options, stop_ids, pad_id, max(row.options.max_new_tokens for row in rows))
-    target = generation_target(loaded.model)
-    if target.prefix_length:
-        mask = encoded["attention_mask"]
-        encoded["attention_mask"] = torch.cat([mask.new_ones(len(rows), target.prefix_length), mask], dim=1)
-        kwargs["cache"] = target.cache(len(rows) * options.num_beams)
     if options.seed is not None:
         torch.manual_seed(options.seed)
     limits = _RowLimits(states, width) if options.num_beams == 1 else _BeamLimits(states, width)
-    output = target.module.generate(**encoded, **kwargs, stopping_criteria=StoppingCriteriaList([limits]))
+    output = generation_target(loaded.model).generate(**encoded, **kwargs,
+                                                      stopping_criteria=StoppingCriteriaList([limits]))
     if options.num_beams > 1:
         for state, tokens in zip(states, output[:, width:].tolist()):
             state.replay(tokens)

@@ -55,6 +55,16 @@ class GenerationTarget:
         self.module(inputs_embeds=embeddings.to(dtype), cache=cache, use_cache=True)
         return cache
 
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """``module.generate`` with the virtual tokens in front of every row: their keys and values
+        in the cache, the attention mask covering them. Every generation goes through here, so no
+        caller hands a prompt-learning model to ``PeftModel.generate`` (see the module docstring)."""
+        if self.prefix_length:
+            rows = input_ids.shape[0]
+            attention_mask = torch.cat([attention_mask.new_ones(rows, self.prefix_length), attention_mask], dim=1)
+            kwargs["cache"] = self.cache(rows * kwargs.get("num_beams", 1))
+        return self.module.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
 
 def generation_target(model: nn.Module) -> GenerationTarget:
     """How to generate with ``model``: itself, or its base model from a virtual-token cache.

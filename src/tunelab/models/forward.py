@@ -54,8 +54,14 @@ def hidden_states(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, nn.Modu
     Prompt-learning methods prepend virtual tokens; only the last T positions belong to
     the batch.
     """
+    inputs = model_inputs(batch)
+    config = getattr(model, "active_peft_config", None)
+    if config is not None and config.is_prompt_learning and config.peft_type != "PREFIX_TUNING":
+        # Prompt tuning / P-tuning: PEFT numbers the positions itself (its virtual tokens come first)
+        # and drops position ids, with a warning; the logits are the same without them.
+        inputs.pop("position_ids", None)
     with output_head_bypassed(model) as head:
-        out = model(**model_inputs(batch))
+        out = model(**inputs)
     hidden = out.logits
     length = batch["input_ids"].shape[1]
     return hidden[:, -length:, :], head

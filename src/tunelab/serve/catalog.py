@@ -8,8 +8,12 @@ different PEFT type than the first one (PEFT cannot mix types on one module), ar
 as separate models and cost their own memory.
 
 A single argument that is not a run directory but a base model (the embedded name, a
-Hugging Face directory or a .gguf file) serves that model alone, prompted with its
+Hugging Face directory, a .gguf file or a hub id) serves that model alone, prompted with its
 tokenizer's own chat template.
+
+Model ids are what ``/v1/models`` lists and what a client sends back as ``model``: a run's
+directory name, and for the base the name a user would type (a hub base keeps its whole
+``org/name`` id, as other OpenAI-compatible servers name hub models).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from tunelab.config import DEFAULT_MODEL, DataConfig, ModelConfig, RunConfig
 from tunelab.errors import ConfigError
 from tunelab.methods.base import get_method
 from tunelab.methods.peft_common import ADAPTER_CONFIG_FILE, PeftMethod, adapter_dir
+from tunelab.models.hub import is_hub_id
 from tunelab.models.loader import resolve_source, with_granted_remote_code
 from tunelab.runs import RunDir
 
@@ -63,16 +68,23 @@ class ServePlan:
 
 
 def base_model_id(model: ModelConfig) -> str:
-    """The id clients use for the bare base: the embedded name, or the directory / file name."""
-    if model.name_or_path == DEFAULT_MODEL:
-        return DEFAULT_MODEL
+    """The id clients use for the bare base: the embedded name, the hub id whole (``org/name``: its
+    last part alone can name another organisation's model), or the directory / file name."""
+    if model.name_or_path == DEFAULT_MODEL or is_hub_id(model.name_or_path):
+        return model.name_or_path
     path = Path(model.name_or_path)
     return path.stem if path.suffix == ".gguf" else path.resolve().name
 
 
 def _weights_key(model: ModelConfig) -> str:
-    """Identifies the base weights regardless of how a path to them was spelt."""
-    return str(Path(resolve_source(model.name_or_path, model.gguf_file).label).resolve())
+    """Identifies the base weights regardless of how a path to them was spelt (a hub id: its
+    snapshot at ``model.revision``, so two revisions are two bases)."""
+    return str(Path(resolve_source(model.name_or_path, model.gguf_file, model.revision).label).resolve())
+
+
+def _spelt(model: ModelConfig) -> str:
+    """The base as its config names it, with the revision when one is set."""
+    return f"'{model.name_or_path}'" + (f" (revision '{model.revision}')" if model.revision else "")
 
 
 def _peft_type(run_dir: Path, cfg: RunConfig) -> str | None:
@@ -103,8 +115,8 @@ def _read_runs(runs: list[str]) -> list[tuple[Path, RunConfig]]:
         if not RunDir(run).is_run():
             raise ConfigError(f"{run} is not a tunelab run directory: {RunDir(run).config} is missing. Pass "
                               "the output_dir of a finished `tunelab train` run (its base model is served "
-                              "automatically), or a single base model (embedded name, Hugging Face directory or "
-                              ".gguf file) to serve it alone.")
+                              "automatically), or a single base model (embedded name, Hugging Face directory, "
+                              ".gguf file or hub id) to serve it alone.")
         path = Path(run).resolve()
         if path not in seen:
             cfg = RunDir(path).read_config()
@@ -120,8 +132,8 @@ def _check_same_base(runs: list[tuple[Path, RunConfig]], notes: list[str]) -> No
     for path, cfg in runs[1:]:
         if _weights_key(cfg.model) != want:
             raise ConfigError(f"runs served together must share one base model, but {path} was trained on "
-                              f"'{cfg.model.name_or_path}' and {first_path} on '{first.model.name_or_path}'. Start "
-                              "one `tunelab serve` per base model (on different ports).")
+                              f"{_spelt(cfg.model)} and {first_path} on {_spelt(first.model)}. Start one `tunelab "
+                              "serve` per base model (on different ports).")
         differing = [f"model.{key}={getattr(cfg.model, key)!r}" for key in _LOADING_KEYS
                      if getattr(cfg.model, key) != getattr(first.model, key)]
         if differing:

@@ -11,32 +11,22 @@ suite (no GPU there).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from contextlib import nullcontext
 from typing import Any
 
 from tunelab.data.templates import get_template
-from tunelab.errors import ConfigError, TunelabError
+from tunelab.errors import ConfigError
 from tunelab.inference import Completion, GenerationRow, LoadedRun, stop_token_ids, wrap_run
 from tunelab.methods.base import get_method
 from tunelab.methods.peft_common import ADAPTER_CONFIG_FILE
-from tunelab.models.loader import load_tokenizer, materialize, resolve_source
+from tunelab.models.loader import load_tokenizer, model_directory
+from tunelab.models.vllm_support import require_vllm, vllm_lora_rank
 from tunelab.serve.catalog import ServePlan
 from tunelab.serve.engine import ServedModel
 
-#: LoRA ranks vLLM accepts for ``max_lora_rank``.
-_VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
-
-
-def _check_available() -> None:
-    import torch
-
-    if importlib.util.find_spec("vllm") is None:
-        raise TunelabError("--backend vllm needs the vllm package, which is not installed. Install it on a CUDA "
-                           "machine (pip install vllm), or serve with --backend transformers.")
-    if not torch.cuda.is_available():
-        raise TunelabError("--backend vllm needs a CUDA GPU and none is visible. Serve with --backend transformers.")
+#: What to do instead, in every refusal of this backend.
+_FALLBACK = "serve with --backend transformers"
 
 
 def _check_plan(plan: ServePlan) -> list[dict[str, Any]]:
@@ -59,11 +49,7 @@ def _check_plan(plan: ServePlan) -> list[dict[str, Any]]:
 
 def _max_rank(configs: list[dict[str, Any]]) -> int:
     need = max((max([c.get("r", 8), *c.get("rank_pattern", {}).values()]) for c in configs), default=8)
-    fits = [rank for rank in _VLLM_RANKS if rank >= need]
-    if not fits:
-        raise ConfigError(f"an adapter has rank {need}, more than vLLM supports ({_VLLM_RANKS[-1]}); serve it with "
-                          "--backend transformers.")
-    return fits[0]
+    return vllm_lora_rank(need, _FALLBACK)
 
 
 class VllmBackend:
@@ -76,13 +62,13 @@ class VllmBackend:
 
     @classmethod
     def load(cls, plan: ServePlan, max_batch_size: int) -> "VllmBackend":
-        _check_available()
+        require_vllm("--backend vllm", _FALLBACK)
         configs = _check_plan(plan)
         from transformers import AutoConfig
         from vllm import LLM
         from vllm.lora.request import LoRARequest
 
-        base_dir = str(materialize(resolve_source(plan.base.name_or_path, plan.base.gguf_file)))
+        base_dir = str(model_directory(plan.base))  # the snapshot at model.revision for a hub id
         llm = LLM(model=base_dir, dtype=plan.base.dtype, enable_lora=bool(configs), max_loras=max(1, len(configs)),
                   max_lora_rank=_max_rank(configs), max_num_seqs=max_batch_size,
                   trust_remote_code=plan.base.trust_remote_code)

@@ -21,6 +21,7 @@ from tunelab.data.records import IGNORE_INDEX, PromptExample
 from tunelab.inference import left_pad
 from tunelab.models.forward import Batch
 from tunelab.models.value_head import padded_sequence_index
+from tunelab.virtual_tokens import generation_target
 
 
 @dataclass
@@ -107,7 +108,7 @@ def sample_rollout(policy: nn.Module, examples: list[PromptExample], tokenizer, 
                    device: torch.device) -> Rollout:
     """Generate one response per prompt with the policy (left-padded batch, sampling)."""
     encoded = left_pad([e.prompt_ids for e in examples], config.pad_token_id, device)
-    output = policy.generate(**encoded, generation_config=config)
+    output = generation_target(policy).generate(**encoded, generation_config=config)  # virtual tokens kept
     return rollout_from_samples(examples, output[:, encoded["input_ids"].shape[1]:].tolist(), tokenizer, config,
                                 device)
 
