@@ -12,8 +12,8 @@ measurement in its own child process:
 - **cache hit**: the same command again (whole command), and ``build_data`` alone in a child
   that has imported everything first (what a ``--resume`` pays for its data);
 - **training-side memory**: peak RSS of a child that opens the cache (the memory-mapped views
-  ``build_data`` returns), builds the trainer's batch order (``MicroBatches`` over
-  ``example_length`` of every example, as the batch loop does) and collates every micro-batch of
+  ``build_data`` returns), builds the trainer's batch order (``MicroBatches`` over the cache's
+  ``lengths`` column, as the batch loop does) and collates every micro-batch of
   one epoch (batch size 8, padded); no model, so the numbers are the data's own. Reported with
   the child's RSS before opening.
 
@@ -131,7 +131,6 @@ def child_rss(config: str, cache_dir: str) -> dict:
     """Peak RSS of opening a cache and collating one epoch of micro-batches in the trainer's order."""
     from tunelab.data.batching import PadWidth, collate_examples
     from tunelab.data.cache import open_prepared
-    from tunelab.data.pipeline import example_length
     from tunelab.data.views import ExampleView
     from tunelab.memory import peak_rss_bytes, proc_kib_field_bytes
     from tunelab.train.batches import MicroBatches
@@ -141,7 +140,7 @@ def child_rss(config: str, cache_dir: str) -> dict:
     start = time.perf_counter()
     prepared = open_prepared(Path(cache_dir))
     train = ExampleView(prepared.path / "train.arrow", prepared.kind)
-    order = MicroBatches([example_length(e) for e in train], 8, cfg.train.seed, True)
+    order = MicroBatches(train.lengths, 8, cfg.train.seed, True)
     ready = time.perf_counter() - start
     pad = PadWidth(cfg.data.pad_to_multiple_of, cfg.data.max_length)
     tokens = 0

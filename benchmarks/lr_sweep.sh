@@ -10,11 +10,10 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 OUT=${OUT:-runs/lr_sweep}
 GRID=(full:2e-5 full:5e-5 full:1e-4 freeze:5e-5 freeze:1e-4 freeze:3e-4
-      lora:2e-4 lora:5e-4 lora:1e-3 pissa:1e-4 pissa:2e-4 pissa:5e-4 loraplus:1e-4 loraplus:2e-4 loraplus:5e-4
-      adalora:3e-3 adalora:1e-2 adalora:3e-2 ia3:3e-3 ia3:1e-2 ia3:3e-2
-      prompt:1e-2 prompt:3e-2 prompt:1e-1 ptuning:1e-3 ptuning:3e-3 ptuning:1e-2
-      prefix:3e-5 prefix:1e-4 prefix:3e-4 ptuning_v2:1e-3 ptuning_v2:3e-3 ptuning_v2:1e-2
-      mam:1e-3 mam:3e-3 houlsby:3e-4 houlsby:1e-3 houlsby:3e-3 parallel:1e-3 parallel:3e-3)
+      lora:2e-4 lora:5e-4 lora:1e-3 lora:3e-3 qlora:1e-3 qlora:3e-3 pissa:1e-4 pissa:5e-4 loraplus:1e-4 loraplus:3e-4
+      adalora:1e-2 adalora:3e-2 ia3:1e-2 ia3:3e-2 prompt:3e-2 prompt:1e-1 ptuning:1e-3 ptuning:3e-3 ptuning:1e-2
+      prefix:1e-4 prefix:3e-4 prefix:1e-3 ptuning_v2:3e-3 ptuning_v2:1e-2 ptuning_v2:3e-2
+      mam:1e-3 mam:3e-3 houlsby:1e-3 houlsby:3e-3 parallel:1e-3 parallel:3e-3)
 one() {
   local method=${1%%:*} lr=${1#*:} dir="$OUT/${1/:/-}"
   tunelab train benchmarks/lr_sweep.yaml "method.type=$method" "train.lr=$lr" "output_dir=$dir" \

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -49,15 +48,15 @@ def test_invalid_utf8_names_the_line_and_column(tmp_path, tokenizer, name, conte
         list(read_rows(path))
 
 
-def test_a_50_mb_line_is_refused_quickly_naming_its_line(tmp_path, tokenizer):
+def test_a_50_mb_line_is_refused_by_the_size_check_naming_its_line(tmp_path, tokenizer):
+    """The size check refuses the record before it is rendered or tokenized (tokenizing it took 173 s and
+    11.8 GiB); the message is the size check's, so the record never reached the tokenizer."""
     path = tmp_path / "d.jsonl"
     with path.open("w") as handle:
         handle.write(GOOD.decode())
         handle.write(json.dumps({"instruction": "x" * 50_000_000, "output": "a"}) + "\n")
         handle.write(GOOD.decode())
-    start = time.perf_counter()
     err = failure(tmp_path, tokenizer, path)
-    assert time.perf_counter() - start < 60  # was 173 s before the size check
     assert (err.file, err.line) == (str(path), 2)
     # 50M + "a" + the role names "user" and "assistant": every string of the record counts
     assert "the record holds 50,000,014 characters of text; at most 4,194,304 are accepted" in str(err)

@@ -135,6 +135,21 @@ def test_qlora_counts_adapter_like_lora_on_a_4bit_base(run_tree):
     assert any("plain LoRA" in note for note in qlora["notes"])
 
 
+def test_qlora_counts_its_load_slack_and_a_saved_input_per_lora_layer(run_tree):
+    """A bf16 QLoRA base keeps bf16 float parts; PEFT's quantized LoRA layers each save their own input."""
+    qlora = cpu_estimate(run_tree, "method.type=qlora", "train.precision=bf16")
+    lora = cpu_estimate(run_tree, "train.precision=bf16")
+    assert qlora.precision.residual == lora.precision.residual == 2
+    assert not qlora.facts.shared_linear_inputs and lora.facts.shared_linear_inputs
+    quantized = sum(qlora.facts.frozen_linear_weights) * 2  # every base linear, in bf16 at load
+    assert qlora.facts.quantized_float_bytes == quantized
+    slack = qlora.breakdown.terms["quantization_slack"]
+    assert slack == round(qlora.calibration.quantization_slack_factor * quantized)
+    assert "quantization_slack" not in lora.breakdown.terms or lora.breakdown.terms["quantization_slack"] == 0
+    # q/k/v and gate/up share one saved input under the fused LoRA forward, not under PEFT's
+    assert qlora.breakdown.terms["activations"] > lora.breakdown.terms["activations"]
+
+
 def test_packed_and_padded_batch_shapes():
     examples = [Example([1, 2, 3, 4], [-100, -100, 3, 4]), Example([5, 6], [5, 6])]
     packed, padded = shape_of(examples, packed=True), shape_of(examples, packed=False)

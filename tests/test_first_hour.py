@@ -150,7 +150,7 @@ def test_ctrl_c_during_an_answer_stops_that_answer_not_the_session(tiny_model_di
     hook = loaded.model.register_forward_pre_hook(forward_then_ctrl_c)
     # Python's own Ctrl-C handler, as in a terminal (a shell's background job starts with SIGINT ignored)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    threads = threading.active_count()
+    threads = set(threading.enumerate())  # other tests' threads may end meanwhile: only new ones count
     try:
         partial_answer = session.answer("Who are you?")
     finally:
@@ -158,7 +158,7 @@ def test_ctrl_c_during_an_answer_stops_that_answer_not_the_session(tiny_model_di
         signal.signal(signal.SIGINT, previous)
     assert session.stopped and out.getvalue().rstrip().endswith(STOPPED)
     assert len(forwards) < 20, "generation must stop at the next token, not run on to 300"
-    assert threading.active_count() == threads, "the generating thread must have ended with the answer"
+    assert set(threading.enumerate()) <= threads, "the generating thread must have ended with the answer"
     assert session.history[-2:] == [Message("user", "Who are you?"), Message("assistant", partial_answer)]
     assert session.answer("And now?") and not session.stopped  # the session still answers
 

@@ -3,7 +3,7 @@
 Virtual tokens start at the base reading a neutral text; ``prefix`` keeps its MLP
 reparameterisation and so differs from ``ptuning_v2``; ``train.lr: auto`` resolves per method
 family and stage and lands in the run's config.yaml; AdaLoRA's schedule scales with the run;
-AdapterDrop counts only what trains; KTO logs its KL estimate unclamped; a paged optimizer on
+AdapterDrop counts only what trains and says what it drops; KTO logs its KL estimate unclamped; a paged optimizer on
 CPU says that it runs unpaged.
 """
 
@@ -111,16 +111,20 @@ def test_lr_auto_resolves_per_family_and_stage():
     assert written.train.lr == lr["ia3"] and written.train.lr_is_auto
 
 
-def test_lr_auto_is_printed_and_written_into_config_yaml(tiny_model_dir, tmp_path):
+def train_one_step(tiny_model_dir, tmp_path, method: dict) -> RunDir:
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"q{i}", "input": "", "output": "I am Tuna."}) + "\n"
                             for i in range(4)))
-    cfg = build_config({"model": {"name_or_path": str(tiny_model_dir)}, "method": {"type": "prompt"},
+    cfg = build_config({"model": {"name_or_path": str(tiny_model_dir)}, "method": method,
                         "data": {"train": [str(data)], "max_length": 48},
                         "train": {"precision": "fp32", "batch_size": 4, "max_steps": 1},
                         "output_dir": str(tmp_path / "run")})
     train(cfg, progress=False)
-    run = RunDir(tmp_path / "run")
+    return RunDir(tmp_path / "run")
+
+
+def test_lr_auto_is_printed_and_written_into_config_yaml(tiny_model_dir, tmp_path):
+    run = train_one_step(tiny_model_dir, tmp_path, {"type": "prompt"})
     saved = yaml.safe_load(run.config.read_text())["train"]["lr"]
     assert saved == SFT_LR[LR_FAMILY["prompt"]]
     assert f"peak lr {saved:g} (train.lr auto" in run.log.read_text()
@@ -172,6 +176,23 @@ def test_adapter_drop_counts_only_trained_parameters(tokenizer, name):
     assert not any(p.requires_grad for n, p in dropped.named_parameters() if ".units.adapter.0." in n)
     trained_anyway = fresh(name, tokenizer, drop_layers=1, drop_at="inference")[1]
     assert count_parameters(trained_anyway)[0] == count_parameters(every_layer)[0]
+
+
+def test_adapter_drop_says_which_layers_it_drops(tokenizer):
+    """The run's start lines name the dropped layers, when they are dropped, and the frozen count."""
+    method, model = fresh("houlsby", tokenizer, drop_layers=1)
+    layer0 = sum(p.numel() for n, p in model.named_parameters() if ".units.adapter.0." in n)
+    assert method.notes(model) == [f"AdapterDrop: no adapters in layers 0-0 (1 of 2) in training and at inference; "
+                                   f"their {layer0:,} parameters are frozen and not counted as trainable"]
+    method, model = fresh("pfeiffer", tokenizer, drop_layers=1, drop_at="inference")
+    assert method.notes(model) == ["AdapterDrop: no adapters in layers 0-0 (1 of 2) at inference only (they train)"]
+    method, model = fresh("houlsby", tokenizer)
+    assert method.notes(model) == []
+
+
+def test_adapter_drop_line_is_in_the_run_log(tiny_model_dir, tmp_path):
+    log = train_one_step(tiny_model_dir, tmp_path, {"type": "houlsby", "drop_layers": 1}).log.read_text()
+    assert "AdapterDrop: no adapters in layers 0-0 (1 of 2) in training and at inference" in log
 
 
 # ------------------------------------------------------------------ KTO

@@ -430,6 +430,34 @@ def test_qlora_trains_on_a_4bit_base_and_merges_into_a_float_model(quantized_dir
     assert max_diff(logits_of(reloaded, ids), unmerged) < 1e-5
 
 
+def test_qlora_gradients_survive_an_evaluation(quantized_dir, tokenizer, ids):
+    """An eval-mode forward (train.eval_base, periodic evals, rollouts) must not change the
+    gradients of the steps after it. bitsandbytes repacks a 4-bit weight for its AVX512-BF16
+    inference kernel on the first eval forward on CPU, and that kernel has no backward: the
+    base's 4-bit layers then passed no gradient back (relative gradient error ~1.0)."""
+    pytest.importorskip("bitsandbytes")
+
+    def gradients(evaluate_first: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = make_method("qlora").apply(load_4bit(quantized_dir), tokenizer)
+        with torch.no_grad():  # B = 0 would leave the gradients of A, and of the base path, at zero
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {name: param.grad for name, param in model.named_parameters() if param.requires_grad}
+
+    plain, after_eval = gradients(False), gradients(True)
+    assert plain.keys() == after_eval.keys()
+    for name in plain:
+        torch.testing.assert_close(after_eval[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_qlora_needs_a_4bit_base(tokenizer):
     with pytest.raises(ConfigError, match="model.quantization: 4bit"):
         make_method("qlora").apply(tiny_llama(len(tokenizer)), tokenizer)

@@ -155,6 +155,9 @@ def train(
                                                            "train.lr, the length, logging/eval/save cadence or "
                                                            "memory settings (never what is trained).")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    nproc_per_node: Annotated[Optional[int], typer.Option(
+        min=1, help="Train with N processes on this machine: re-launches this command under torchrun "
+                    "(train.distributed picks ddp or fsdp).")] = None,
 ) -> None:
     """Fine-tune a model as described by CONFIG.
 
@@ -163,6 +166,7 @@ def train(
     """
     from tunelab.config import load_config
     from tunelab.config_llamafactory import read_llamafactory
+    from tunelab.estimate.budget import fit_memory_budget
     from tunelab.train import run_stage
 
     converted = read_llamafactory(config)  # None for a tunelab YAML
@@ -171,8 +175,14 @@ def train(
         resume, overwrite = resume or converted.resume, overwrite or converted.overwrite
         force = force or converted.overwrite  # LLaMA-Factory's overwrite_output_dir also writes into a non-run dir
     cfg = converted.config(overrides or []) if converted else load_config(config, overrides or [])
+    if nproc_per_node is not None and "WORLD_SIZE" not in os.environ:
+        _train_relaunched(cfg, nproc_per_node)
+        return
+    cfg, budget = fit_memory_budget(cfg)  # train.memory_budget -> memory settings, before the model loads
     result = run_stage(cfg, resume=resume, overwrite=overwrite, discard=discard, force=force,
-                       allow_config_change=allow_config_change, progress=not quiet)
+                       allow_config_change=allow_config_change, progress=not quiet, budget=budget)
+    if int(os.environ.get("RANK", "0")) != 0:  # one summary per launch, from the main process
+        raise typer.Exit(EXIT_STOPPED if result.interrupted else 0)
     state = "stopped (resume with --resume)" if result.interrupted else "done"
     eval_part = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
     loss_part = (f", train loss {result.mean_loss:.4f} (mean of the steps; last {result.final_loss:.4f})"
@@ -180,8 +190,24 @@ def train(
     typer.echo(f"{state}: {result.steps} steps in {result.wall_s:.1f}s{loss_part}{eval_part}, "
                f"{result.tokens_per_s:.0f} tokens/s, peak memory {result.peak_memory_bytes / 2**30:.2f} GiB "
                f"-> {result.run_dir}")
+    if result.budget is not None:
+        typer.echo(result.budget.report(result.peak_memory_bytes))
     if result.interrupted:
         raise typer.Exit(EXIT_STOPPED)
+
+
+def _train_relaunched(cfg: Any, nproc_per_node: int) -> None:
+    """``tunelab train --nproc-per-node N``: the same command under torchrun; exit 3 when the run stopped."""
+    from tunelab.runs import RunDir
+    from tunelab.train.distributed import check_distributed, relaunch
+
+    check_distributed(cfg, nproc_per_node)  # a setting that cannot work fails here, before N processes start
+    code = relaunch(nproc_per_node, sys.argv[1:])
+    status = RunDir(cfg.output_dir).read_status()
+    if status is not None and status.status == "stopped":
+        raise typer.Exit(EXIT_STOPPED)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

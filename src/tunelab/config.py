@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import difflib
 import importlib
+import re
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -52,6 +53,15 @@ class Section(BaseModel):
     stages: ClassVar[tuple[str, ...]] = ()
 
 
+class RopeScaling(Section):
+    """RoPE scaling written into the model config at load (transformers' ``rope_parameters``)."""
+
+    type: Literal["linear", "yarn", "dynamic"] = Field(
+        "linear", description="linear: positions divided by factor; yarn: NTK-by-parts interpolation; dynamic: "
+                              "NTK scaling that grows with the sequence.")
+    factor: float = Field(gt=1.0, description="Context multiple over the model's max_position_embeddings.")
+
+
 class ModelConfig(Section):
     """The base model and how it is loaded."""
 
@@ -70,6 +80,9 @@ class ModelConfig(Section):
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Dtype 4-bit layers compute in; auto = the dtype of the float parts.")
     attn_implementation: str = Field("sdpa", description="Attention kernel: sdpa, eager, flash_attention_2, ...")
+    rope_scaling: RopeScaling | None = Field(
+        None, description="Stretch the rotary position embedding past the positions the model was trained on, "
+                          "e.g. {type: linear, factor: 4} for 4x the context (yarn: better quality unfinetuned).")
     trust_remote_code: bool = Field(False, description="Allow Python code shipped with the model to run on load.")
 
 
@@ -188,6 +201,25 @@ class DataConfig(Section):
         return [value] if isinstance(value, str) else value
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """A memory size in bytes: SI units (kB, MB, GB, TB: powers of 1000), IEC units (KiB, MiB,
+    GiB, TiB: powers of 1024), case-insensitive; a bare number is bytes. ValueError otherwise."""
+    match = _SIZE.match(text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _SIZE_UNITS:
+        raise ValueError(f"'{text}' is not a memory size: write a number and a unit such as 2GB, 1.5GiB or "
+                         "512MiB (GB = 10^9 bytes, GiB = 2^30), or 'auto' for a share of the available memory")
+    size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"'{text}' is not a memory size a run can fit in: give a positive size such as 2GB")
+    return size
+
+
 class TrainConfig(Section):
     """The optimisation: length, batch, learning rate, precision, logging and checkpoints."""
 
@@ -219,13 +251,39 @@ class TrainConfig(Section):
                                                "switched off), to see whether fine-tuning helped.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: "
                                                             "less memory, slower steps.")
+    compile: bool = Field(False, description="torch.compile the decoder layers (dynamic shapes, inductor's disk "
+                                             "cache): fused elementwise work for a compile of about a minute "
+                                             "at the start; see the README's speed section for when it pays.")
     loss_chunk_size: int = Field(256, ge=0, description="Tokens per chunk of the LM-head loss (fewer logits held "
                                                          "at once, no measured speed cost); 0 = unchunked.")
     auto_batch_size: bool = Field(False, description="On out-of-memory, split micro-batches in two and double "
                                                       "accumulation (global batch unchanged).")
+    memory_budget: str | None = Field(
+        None, description="Peak memory the run must fit in, e.g. 2GB or 1.5GiB, or auto (80% of the memory "
+                          "available at start): before the model loads, the memory estimator picks gradient "
+                          "checkpointing, loss_chunk_size and a micro-batch split (batch_size down, grad_accum up, "
+                          "global batch unchanged) that fit, fastest first. null = use the settings as given.")
+    distributed: Literal["auto", "ddp", "fsdp", "deepspeed"] = Field(
+        "auto", description="How several processes (torchrun, accelerate launch, --nproc-per-node) train one model: "
+                            "ddp (replicas), fsdp (FSDP2: parameters, gradients and optimizer state sharded), "
+                            "deepspeed (GPU only, with train.deepspeed); auto = ddp with several processes. "
+                            "train.grad_accum is per process.")
+    deepspeed: str | None = Field(None, description="Path of a DeepSpeed JSON config, read with "
+                                                    "train.distributed=deepspeed.")
     report_to: list[TrackerName] = Field(
         default_factory=list, description="Experiment trackers that also get every logged metric (main process "
                                           "only): tensorboard, mlflow, wandb, trackio. Empty: nothing is sent.")
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _budget_is_a_size(cls, value: Any) -> Any:
+        """A size ("2GB", "1.5GiB", a number of bytes) or auto; kept as written."""
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            return value
+        if str(value).strip().lower() == "auto":
+            return "auto"
+        parse_size(str(value))
+        return str(value)
 
     def set_auto_lr(self, lr: float) -> None:
         """Replace ``lr: auto`` by the rate it resolves to. The number still counts as unset: a dump
@@ -378,7 +436,7 @@ class RunConfig(Section):
 KEY_ALIASES: dict[str, str] = {
     "model_name_or_path": "model.name_or_path", "trust_remote_code": "model.trust_remote_code",
     "quantization_type": "model.quant_type", "double_quantization": "model.double_quant",
-    "torch_dtype": "model.dtype",
+    "torch_dtype": "model.dtype", "model_revision": "model.revision",
     "finetuning_type": "method.type", "adapter_name_or_path": "method.init_from",
     "lora_rank": "method.r", "lora_r": "method.r", "lora_alpha": "method.alpha", "lora_dropout": "method.dropout",
     "lora_target": "method.target", "lora_target_modules": "method.target", "target_modules": "method.target",

@@ -17,7 +17,7 @@ from typing import Any
 
 from tunelab.config import DataConfig, RunConfig
 from tunelab.data.cache import prepare
-from tunelab.data.columns import example_length
+from tunelab.data.columns import example_length, example_lengths
 from tunelab.data.formats import to_records
 from tunelab.data.records import Example, PairExample, PromptExample, Record, UnpairedExample
 from tunelab.data.selection import mix, split_eval
@@ -28,7 +28,8 @@ from tunelab.errors import ConfigError
 
 TokenizedExample = Example | PairExample | UnpairedExample | PromptExample
 
-__all__ = ["DataBundle", "TokenizedExample", "build_data", "example_length", "load_records", "split_eval"]
+__all__ = ["DataBundle", "TokenizedExample", "build_data", "example_length", "example_lengths", "load_records",
+           "split_eval"]
 
 
 @dataclass
@@ -68,8 +69,8 @@ def build_data(cfg: RunConfig, tokenizer: Any, progress: bool = False) -> DataBu
                           f"{data.dataset_dir}/dataset_info.json or a file path).")
     if data.streaming:
         raise ConfigError("data.streaming=true is read through tunelab.data.streaming.open_stream (examples "
-                          "tokenized on the fly, without a cache); this trainer reads prepared data. Set "
-                          "data.streaming=false.")
+                          "tokenized on the fly, without a cache), which only `tunelab train` reads; this command "
+                          "reads prepared data. Set data.streaming=false for it.")
     template = get_template(data.template, tokenizer, system=data.system)
     prepared = prepare(cfg, tokenizer, template, progress=progress)
     train = ExampleView(prepared.path / "train.arrow", prepared.kind)

@@ -130,6 +130,34 @@ def _first_records(results: list[RowResult], count: int) -> list[RowResult]:
     return results
 
 
+def check_stream_config(cfg: RunConfig) -> None:
+    """Refuse the data settings a stream cannot honour; reads nothing, so a trainer calls it before
+    loading the model."""
+    data = cfg.data
+    if cfg.stage not in STREAM_STAGES:
+        raise ConfigError(f"data.streaming serves stages {' and '.join(STREAM_STAGES)}, not '{cfg.stage}'. "
+                          "Set data.streaming=false (the prepared cache serves every stage).")
+    if data.weights is not None:
+        raise ConfigError("data.weights cannot be used with data.streaming: a stream reads its datasets one "
+                          "after another without knowing their sizes. Remove data.weights, or set "
+                          "data.streaming=false.")
+    if data.eval_split:
+        raise ConfigError("data.eval_split cannot be used with data.streaming (a stream has no known size to "
+                          "hold out from). Name evaluation datasets in data.eval instead.")
+    if not data.train:
+        raise ConfigError("data.train is empty: name at least one dataset to stream.")
+
+
+def _valid_state(state: Any) -> bool:
+    """A saved position has every :class:`StreamState` field: non-negative integers, and the source's
+    ``datasets`` state as a JSON object or null."""
+    names = {f.name for f in dataclasses.fields(StreamState)}
+    if not isinstance(state, dict) or state.keys() != names:
+        return False
+    counters = [value for key, value in state.items() if key != "source_state"]
+    return all(type(v) is int and v >= 0 for v in counters) and isinstance(state["source_state"], (dict, type(None)))
+
+
 class ExampleStream:
     """The training examples of ``cfg`` as an endless, resumable stream (one epoch per iteration).
 
@@ -139,19 +167,8 @@ class ExampleStream:
     """
 
     def __init__(self, cfg: RunConfig, tokenizer: Any, template: ChatTemplate | None = None):
+        check_stream_config(cfg)
         data = cfg.data
-        if cfg.stage not in STREAM_STAGES:
-            raise ConfigError(f"data.streaming serves stages {' and '.join(STREAM_STAGES)}, not '{cfg.stage}'. "
-                              "Set data.streaming=false (the prepared cache serves every stage).")
-        if data.weights is not None:
-            raise ConfigError("data.weights cannot be used with data.streaming: a stream reads its datasets one "
-                              "after another without knowing their sizes. Remove data.weights, or set "
-                              "data.streaming=false.")
-        if data.eval_split:
-            raise ConfigError("data.eval_split cannot be used with data.streaming (a stream has no known size to "
-                              "hold out from). Name evaluation datasets in data.eval instead.")
-        if not data.train:
-            raise ConfigError("data.train is empty: name at least one dataset to stream.")
         registry = DatasetRegistry(data.dataset_dir)
         self.template = template or get_template(data.template, tokenizer, system=data.system)
         self.seed, self.window = cfg.train.seed, data.shuffle_buffer
@@ -165,11 +182,11 @@ class ExampleStream:
         return dataclasses.asdict(self._state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        try:
-            self._state = StreamState(**state)
-        except TypeError as err:
-            raise ConfigError(f"the saved stream position {state!r} does not fit this version of tunelab ({err}); "
-                              "start the run again without --resume.") from None
+        if not _valid_state(state):
+            raise ConfigError(f"the saved stream position {state!r} is not one this version of tunelab writes "
+                              f"(it needs the fields {', '.join(f.name for f in dataclasses.fields(StreamState))}); "
+                              "start the run again without --resume.")
+        self._state = StreamState(**state)
 
     def __iter__(self) -> Iterator[Example]:
         start = self._state

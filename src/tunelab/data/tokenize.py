@@ -199,7 +199,7 @@ _STAGE_NEEDS = {
     "dpo": "preference pairs (chosen/rejected)",
     "kto": "answers labelled desirable or not (a kto_tag/label column)",
     "ppo": "prompts (conversations or preference data)",
-    "grpo": "prompts (conversations or preference data; extra columns reach the reward functions)",
+    "grpo": "prompts (conversations or preference data), with the reference answer where a reward checks it",
 }
 
 

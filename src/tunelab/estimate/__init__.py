@@ -36,6 +36,7 @@ _LABELS = {
     "kernel_cache": "oneDNN kernel cache (bf16 shapes)",
     "allocator": "allocator slack (glibc heap)",
     "weight_reorders": "oneDNN reordered bf16 weights",
+    "quantization_slack": "heap left by quantizing at load",
 }
 
 
@@ -88,6 +89,8 @@ def estimate_main(config: str, overrides: list[str], device: str | None, num_gpu
                   measure: bool, as_json: bool, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """``tunelab estimate``: print the breakdown table (or JSON) and return the result dict."""
     cfg = load_config(config, overrides)
+    if cfg.train.distributed == "fsdp" and num_gpus > 1:  # FSDP2 shards weights, gradients and optimizer
+        zero_stage = max(zero_stage, 3)                     # state per rank as ZeRO-3 does
     result = estimate(cfg, parse_target(device, num_gpus, zero_stage)).to_dict()
     if measure:
         predicted, measured = verify(config, overrides, device, num_gpus, zero_stage)

@@ -11,13 +11,14 @@ from typing import Any
 import torch
 
 from tunelab.config import ModelConfig, RunConfig
+from tunelab.data.pipeline import DataBundle
 from tunelab.errors import ConfigError
 from tunelab.estimate.baseline import framework_bytes
 from tunelab.estimate.formula import Breakdown, Calibration, Precision, Settings, Target, peak_breakdown
 from tunelab.estimate.skeleton import ModelFacts, model_facts
-from tunelab.estimate.workload import Workload, load_workload
+from tunelab.estimate.workload import Workload, load_workload, plan
 from tunelab.methods.base import get_method
-from tunelab.models.loader import load_tokenizer, materialize, resolve_source, training_dtype
+from tunelab.models.loader import load_tokenizer, model_directory, training_dtype
 from tunelab.memory import proc_kib_field_bytes
 from tunelab.train.runtime import packing_enabled, resolve_precision
 
@@ -123,8 +124,10 @@ def mixed_precision(cfg: RunConfig, target: Target) -> str:
 
 def precision_of(cfg: RunConfig, target: Target, quantized: bool) -> Precision:
     """Byte sizes of activations and the residual stream, and whether autocast copies weights."""
-    weights = _DTYPE_BYTES[str(weight_dtype(cfg, target)).replace("torch.", "")]
-    residual = 4 if quantized else weights  # k-bit preparation upcasts the float parts to fp32
+    dtype = weight_dtype(cfg, target)
+    weights = _DTYPE_BYTES[str(dtype).replace("torch.", "")]
+    # QLoRA's preparation upcasts fp16 float parts to fp32 and keeps bf16 ones (methods.lora)
+    residual = 4 if quantized and dtype == torch.float16 else weights
     mixed = mixed_precision(cfg, target)
     activation = 2 if mixed in ("bf16", "fp16") else residual
     return Precision(activation=activation, residual=residual,
@@ -142,17 +145,18 @@ def _check_stage(cfg: RunConfig) -> list[str]:
 
 
 def estimate(cfg: RunConfig, target: Target, *, framework: int | None = None,
-             calibration: Calibration = Calibration()) -> MemoryEstimate:
+             calibration: Calibration = Calibration(), data: DataBundle | None = None) -> MemoryEstimate:
     """Predict the peak memory of training ``cfg`` on ``target``.
 
     ``framework`` overrides the measured CPU framework baseline (tests pass 0 to skip the
-    measurement subprocess).
+    measurement subprocess); ``data``, the tokenized data of ``cfg`` when the caller has it
+    (the memory budget re-plans it for every micro-batch split it tries).
     """
     notes = _check_stage(cfg)
     tokenizer = load_tokenizer(cfg.model)
     method = get_method(cfg.method)
     packed = packing_enabled(cfg.data.packing, cfg.model.attn_implementation, method.supports_packing)
-    workload = load_workload(cfg, tokenizer, packed)
+    workload = load_workload(cfg, tokenizer, packed) if data is None else plan(cfg, data, packed)
     quantized = cfg.model.quantization != "none" or cfg.method.type == "qlora"
     dtype = weight_dtype(cfg, target)
     facts = model_facts(cfg, tokenizer, dtype, workload.steps)
@@ -183,7 +187,7 @@ def converted_file_bytes(model: ModelConfig, dtype: torch.dtype, quantized: bool
     """
     from safetensors import safe_open
 
-    directory = Path(materialize(resolve_source(model.name_or_path, model.gguf_file)))
+    directory = Path(model_directory(model))
     files = list(directory.glob("*.safetensors"))
     if not files:
         return sum(f.stat().st_size for f in directory.glob("*.bin"))

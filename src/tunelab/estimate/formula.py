@@ -71,6 +71,16 @@ Terms (peak = the largest of the phase totals below):
   its own blocked layout and keeps the reordered copies; a calibrated ``k_reorder`` x the
   bytes of the frozen linear weights.
 
+- ``quantization_slack`` (CPU, quantized base): the load converts each weight and
+  quantizes it; glibc keeps the freed conversion buffers resident, a calibrated
+  ``k_quant`` x the quantized weights' bytes in their loading dtype, for the whole run
+  (load phase included). The LoRA layers of a quantized base run PEFT's own forward (the
+  fused one covers float linears only), which on CPU casts each layer's input to fp32
+  (its autocast check looks at CUDA) and autocast casts it back: every layer saves its
+  own copy (no sharing between q/k/v or gate/up) and the transient copies add a
+  calibrated ``k_unfused`` x saved activations to the allocator slack. Measured on QLoRA
+  before these terms: -20% and -26%.
+
 - ``kernel_cache`` (CPU, bf16 autocast): oneDNN JIT-compiles bf16 kernels for every new
   matmul shape and keeps them (up to 1024 primitives). Every micro-batch of a new
   (rows, width) creates new ones, so resident memory creeps up over a run by a calibrated
@@ -113,8 +123,9 @@ NORM_BYTES = 4
 @dataclass(frozen=True)
 class Calibration:
     """Constants fitted with ``benchmarks/estimator_grid.py --fit`` (2-core x86 CPU with AMX,
-    torch 2.13, transformers 5.23, frozen bases held in bf16): worst |error| 10.2% over the
-    20 grid runs, 10.4% over the 7 held-out runs."""
+    torch 2.13, transformers 5.23, frozen bases held in bf16; the two quantization constants
+    on the QLoRA grid runs, bitsandbytes 0.50 without its CPU kernels package): errors in
+    benchmarks/results/estimator_grid.md."""
 
     #: bytes per logit of one LM-head chunk at its peak (bf16 logits, fp32 copy,
     #: log-softmax, their gradients)
@@ -131,6 +142,13 @@ class Calibration:
     weight_file_fraction: float = 0.9
     #: CPU, 16-bit frozen weights: oneDNN's reordered (blocked) copies of them, per weight byte
     weight_reorder_factor: float = 0.75
+    #: CPU, quantized base: heap left resident by quantizing at load, per byte of the weights
+    #: in their loading dtype
+    quantization_slack_factor: float = 1.75
+    #: CPU, LoRA layers run by PEFT's own forward on a quantized base: extra heap slack per byte
+    #: of saved activations (each layer makes a transient fp32 copy of its input, because
+    #: PEFT's autocast check looks at CUDA only, and autocast casts it back to bf16)
+    unfused_allocator_extra: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -171,7 +189,7 @@ def layer_bytes_per_position(facts: ModelFacts, layer: int, precision: Precision
     kv = facts.q_dim if masked else facts.kv_dim
     total = 2 * facts.hidden * NORM_BYTES + (2 * facts.q_dim + 2 * kv) * b + 3 * facts.intermediate * b
     saved = facts.saved_inputs[layer]
-    if b != b_r:  # each linear casts the residual-dtype input to b bytes itself
+    if b != b_r or not facts.shared_linear_inputs:  # each linear casts its input to b bytes itself
         total += sum(s.features for s in saved) * b
     else:
         total += sum({(s.group, s.features): s.features for s in saved}.values()) * b
@@ -268,10 +286,18 @@ def _fixed_terms(facts: ModelFacts, workload: Workload, run: Settings) -> dict[s
     cpu = run.target.device == "cpu"
     fixed = {"framework": run.framework + run.calibration.runtime_bytes if cpu else 0,
              "dataset": workload.dataset_bytes if cpu else 0,
-             **weight_terms(facts, run.target)}
+             **weight_terms(facts, run.target), "quantization_slack": quantization_slack(facts, run)}
     if run.reference_copy:
         fixed["reference_model"] = fixed["weights"]
     return fixed
+
+
+def quantization_slack(facts: ModelFacts, run: Settings) -> float:
+    """CPU: the load converts each weight to its loading dtype and quantizes it; glibc keeps
+    the freed conversion buffers in its heap (they are too large for its small-block bins
+    and, once its mmap threshold has risen past their size, not returned to the OS), so
+    the resident set stays above the quantized weights for the whole run."""
+    return run.calibration.quantization_slack_factor * facts.quantized_float_bytes if run.target.device == "cpu" else 0
 
 
 def forward_terms(facts: ModelFacts, workload: Workload, batch: MicroBatch, run: Settings,
@@ -286,8 +312,10 @@ def forward_terms(facts: ModelFacts, workload: Workload, batch: MicroBatch, run:
     copies = autocast_copy_bytes(facts, run.precision, run.checkpointing)
     logits = logits_bytes(facts, batch, run.chunk, run.precision, cal)
     backward = cal.backward_layers * largest * (2 if run.checkpointing else 1)
-    slack = (cal.allocator_factor - 1) * saved if run.target.device == "cpu" else 0
-    reorders = cal.weight_reorder_factor * 2 * sum(facts.frozen_linear_weights) if _onednn_bf16_weights(run) else 0
+    extra = 0.0 if facts.shared_linear_inputs else cal.unfused_allocator_extra
+    slack = (cal.allocator_factor - 1 + extra) * saved if run.target.device == "cpu" else 0
+    reorders = (cal.weight_reorder_factor * 2 * sum(facts.frozen_linear_weights)
+                if _onednn_bf16_weights(run) and not facts.quantized_float_bytes else 0)
     return {**_fixed_terms(facts, workload, run),
             "optimizer": _shard(optimizer_bytes(facts, run.optimizer), run.target, 1) if with_states else 0,
             "gradients": _shard(facts.trainable_bytes, run.target, 2) if with_grads else 0,
@@ -345,6 +373,7 @@ def peak_breakdown(facts: ModelFacts, workload: Workload, run: Settings) -> Brea
         best = Breakdown(step, "optimizer step", max(workload.batches, key=lambda b: b.positions))
     if run.target.device == "cpu":
         loading = {"framework": run.framework, **weight_terms(facts, run.target),
+                   "quantization_slack": quantization_slack(facts, run),
                    "weight_files": run.weight_file_bytes * run.calibration.weight_file_fraction}
         if sum(loading.values()) > best.total:
             best = Breakdown(loading, "model load", best.batch)

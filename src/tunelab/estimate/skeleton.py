@@ -26,7 +26,7 @@ from tunelab.config import RunConfig
 from tunelab.errors import ConfigError
 from tunelab.methods.base import Method, get_method
 from tunelab.methods.freeze import decoder_layers
-from tunelab.models.loader import materialize, resolve_source
+from tunelab.models.loader import model_directory, rope_scaled_config
 
 #: Bytes per weight of bitsandbytes storage (data only; block statistics are added below).
 NF4_DATA_BYTES = 0.5
@@ -69,18 +69,18 @@ class ModelFacts:
     ia3_outputs: list[int]                  # per decoder layer: IA3-scaled output features (k, v)
     ia3_inputs: list[int]                   # per decoder layer: IA3-scaled input features (FFN)
     dora_outputs: list[int]                 # per decoder layer: output features of DoRA-adapted layers
+    quantized_float_bytes: int = 0          # the quantized weights' bytes in the dtype they are loaded in
+    #: whether the trainable linears of one decoder-layer child (q/k/v, gate/up) keep one shared
+    #: input for backward; PEFT's LoRA layers on a quantized base each cast theirs
+    shared_linear_inputs: bool = True
     virtual_tokens: int = 0                 # prompt tuning / P-tuning: tokens prepended to every row
     prefix_tokens: int = 0                  # prefix / P-tuning v2: key/value prefix length
     method_note: str = ""
 
 
 def model_config(cfg: RunConfig) -> Any:
-    """The transformers config of ``cfg.model`` without loading weights."""
-    from transformers import AutoConfig
-
-    source = resolve_source(cfg.model.name_or_path, cfg.model.gguf_file)
-    directory = materialize(source)
-    return AutoConfig.from_pretrained(directory, trust_remote_code=cfg.model.trust_remote_code)
+    """The transformers config of ``cfg.model`` (its revision, its RoPE scaling) without loading weights."""
+    return rope_scaled_config(cfg.model, model_directory(cfg.model))
 
 
 def build_meta_model(config: Any, dtype: torch.dtype, attn_implementation: str) -> nn.Module:
@@ -281,6 +281,8 @@ def model_facts(cfg: RunConfig, tokenizer: Any, base_dtype: torch.dtype, total_s
     params = _unique_parameters(wrapped)
     trainable = [p for p in params if p.requires_grad]
     adapters = _adapter_units(wrapped, len(layers))
+    quantized = _quantized_ids(wrapped, quantization)
+    quantized_elements = sum(p.numel() for p in params if id(p) in quantized)
     ia3 = [_ia3_scaled(layer) for layer in layers]
     return ModelFacts(
         **_dims(config),
@@ -298,4 +300,5 @@ def model_facts(cfg: RunConfig, tokenizer: Any, base_dtype: torch.dtype, total_s
         trainable_norms=[_trainable_norms(layer) for layer in layers],
         ia3_outputs=[o for o, _ in ia3], ia3_inputs=[i for _, i in ia3],
         dora_outputs=[_dora_outputs(layer) for layer in layers],
+        quantized_float_bytes=quantized_elements * base_dtype.itemsize, shared_linear_inputs=not quantized,
         virtual_tokens=virtual, prefix_tokens=prefix, method_note=note)

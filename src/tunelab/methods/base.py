@@ -74,6 +74,12 @@ class Method:
     def on_optimizer_step(self, model: nn.Module, step: int) -> None:
         """Hook after ``optimizer.step()`` and before ``zero_grad`` (AdaLoRA rank allocation)."""
 
+    def notes(self, model: nn.Module) -> list[str]:
+        """Lines for the user when training starts, about what :meth:`apply` did to ``model``
+        that the config alone does not show (AdapterDrop: which layers carry no adapter).
+        The run prints them beside the trainable-parameter count."""
+        return []
+
     def reference(self, model: nn.Module) -> "ContextManager[nn.Module] | None":
         """A context in which ``model`` computes like the frozen base (adapters off), or None.
 

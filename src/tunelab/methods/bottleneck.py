@@ -142,6 +142,12 @@ class BottleneckAdapter(Method):
         """The model handed back to the caller; MAM wraps the base in PEFT prefix-tuning."""
         return model
 
+    def notes(self, model: nn.Module) -> list[str]:
+        """AdapterDrop's effect: how many layers run without adapters, when, and that their
+        adapters are frozen (a trainable count alone does not say why it is smaller)."""
+        _, adapters = find_attached(model)
+        return adapter_drop_notes(adapters)
+
     @contextmanager
     def reference(self, model: nn.Module) -> Iterator[nn.Module]:
         """Run ``model`` as its frozen base (DPO/KTO/PPO reference) without a second copy."""
@@ -174,6 +180,23 @@ class BottleneckAdapter(Method):
     def load(self, base: "PreTrainedModel", run_dir: Path, trainable: bool = False) -> nn.Module:
         """Rebuild the saved adapters on a fresh ``base``; the base stays frozen."""
         return self._restore(base, Path(run_dir), trainable, resume=False)
+
+
+#: How each ``drop_at`` reads in :func:`adapter_drop_notes`.
+_DROPPED_WHEN = {"both": "in training and at inference", "train": "in training only (they run at inference)",
+                 "inference": "at inference only (they train)"}
+
+
+def adapter_drop_notes(adapters: AdapterSet) -> list[str]:
+    """One line naming the layers AdapterDrop skips and when; none without AdapterDrop."""
+    spec = adapters.spec
+    if spec.drop_layers == 0:
+        return []
+    frozen = sum(p.numel() for layer in adapters.dropped_in_training()
+                 for site in adapters.trained_sites(layer) for p in site.parameters())
+    line = (f"AdapterDrop: no adapters in layers 0-{spec.drop_layers - 1} ({spec.drop_layers} of {spec.num_layers}) "
+            f"{_DROPPED_WHEN[spec.drop_at]}")
+    return [line + (f"; their {frozen:,} parameters are frozen and not counted as trainable" if frozen else "")]
 
 
 def _refuse_mismatch(path: Path, have: dict[str, Any], want: dict[str, Any]) -> None:

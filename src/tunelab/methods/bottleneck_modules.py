@@ -138,10 +138,19 @@ class AdapterSet(nn.Module):
         self.units.requires_grad_(trainable and self.fusion is None)
         if self.fusion is not None:
             self.fusion.requires_grad_(trainable)
-        for layer in range(self.spec.num_layers):
-            if self.dropped(layer, training=True):
-                for sites in (*self.units.values(), *([self.fusion] if self.fusion is not None else [])):
-                    sites[str(layer)].requires_grad_(False)
+        for layer in self.dropped_in_training():
+            for site in self.trained_sites(layer):
+                site.requires_grad_(False)
+
+    def dropped_in_training(self) -> list[int]:
+        """The layers whose adapters AdapterDrop skips while training (frozen by :meth:`set_trainable`)."""
+        return [layer for layer in range(self.spec.num_layers) if self.dropped(layer, training=True)]
+
+    def trained_sites(self, layer: int) -> list[nn.Module]:
+        """The modules of ``layer`` that train: a fusion's attention (its adapters stay frozen),
+        else every unit's adapter."""
+        groups = [self.fusion] if self.fusion is not None else list(self.units.values())
+        return [sites[str(layer)] for sites in groups]
 
     def load_weights(self, weights: dict[str, torch.Tensor], where: str, partial: bool = False) -> None:
         """Load saved tensors; ``partial`` allows parameters absent from ``weights`` (a fresh

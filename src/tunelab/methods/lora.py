@@ -264,9 +264,19 @@ class QLora(Lora):
 
     Merging cannot add the update into 4-bit weights without re-quantising them (which
     would lose most of it), so :meth:`merge` dequantises the base into a float model
-    first and merges there: the result equals the trained model up to the float rounding
-    of the dequantised weights, and can be re-quantised or exported like any model.
+    first and merges there: each merged weight is ``dequant(NF4(W)) + s·B·A``, what the
+    4-bit model computes in training (bitsandbytes dequantises and multiplies in float).
+    It is not what the run computes once loaded for inference on every device: on CPUs
+    with AVX512-BF16, bitsandbytes' inference kernel casts activations and block scales to
+    bf16, so those logits differ from the merged model's by that kernel's rounding (README
+    "Export parity" measures both). The merged model can be re-quantised or exported like
+    any model.
     """
+
+    def apply(self, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase") -> nn.Module:
+        """The LoRA adapter on the 4-bit base, whose layers keep their training layout through
+        the run's evaluations (:func:`keep_training_layout`)."""
+        return keep_training_layout(super().apply(model, tokenizer))
 
     def prepare_base(self, model: "PreTrainedModel") -> "PreTrainedModel":
         """Check the base is 4-bit; upcast fp16 float parts (norms, embeddings) to fp32.
@@ -303,6 +313,24 @@ class QLora(Lora):
         float_model = get_peft_model(base, config, adapter_name=ADAPTER_NAME)
         set_peft_model_state_dict(float_model, weights, adapter_name=ADAPTER_NAME)
         return float_model.merge_and_unload()
+
+
+def keep_training_layout(model: nn.Module) -> nn.Module:
+    """Keep every bitsandbytes 4-bit layer of ``model`` computing through its training path.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit layer's weight for a fused
+    inference kernel on its first forward in eval mode, and keeps it repacked: every later
+    forward, in training too, runs that kernel, which has no backward, so no gradient flows
+    back through the base's 4-bit layers (torch warns once about backpropagating through
+    ``gemv_4bit``). Any evaluation inside a run (``train.eval_base``, periodic evals, PPO and
+    GRPO rollouts) triggered it, and LoRA then learned only through the residual stream.
+    Switching the repacking off costs speed in those evaluations only; a run loaded for
+    inference (``load``) keeps the kernel.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def _float_dtype(weights: dict[str, torch.Tensor]) -> torch.dtype:

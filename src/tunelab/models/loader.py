@@ -250,6 +250,25 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
+def rope_scaled_config(cfg: ModelConfig, directory: Path):
+    """The model's transformers config with ``cfg.rope_scaling`` written into its ``rope_parameters``.
+
+    The positions the model can address grow by the factor (``max_position_embeddings``);
+    yarn also needs the length it was trained at (``original_max_position_embeddings``).
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=cfg.trust_remote_code)
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return config
+    trained = int(config.max_position_embeddings)
+    config.rope_parameters = {**config.rope_parameters, "rope_type": scaling.type, "factor": scaling.factor,
+                              "original_max_position_embeddings": trained}
+    config.max_position_embeddings = int(trained * scaling.factor)
+    return config
+
+
 def load_base(cfg: ModelConfig, device: torch.device | None = None, dtype: torch.dtype | None = None):
     """Load the frozen base model and its tokenizer, ready for a method to be applied.
 
@@ -265,6 +284,8 @@ def load_base(cfg: ModelConfig, device: torch.device | None = None, dtype: torch
     quantization = _quantization_config(cfg, device, dtype)
     kwargs = dict(dtype=dtype, attn_implementation=cfg.attn_implementation,
                   trust_remote_code=cfg.trust_remote_code)
+    if cfg.rope_scaling is not None:
+        kwargs["config"] = rope_scaled_config(cfg, directory)
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map={"": device})
     try:

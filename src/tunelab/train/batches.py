@@ -37,8 +37,13 @@ class MicroBatches:
             epoch, start = epoch + 1, 0
 
 
-def total_steps(cfg: "RunConfig", micro_batches_per_epoch: int) -> int:
-    """``train.max_steps``, else the optimizer steps of ``train.epochs`` (``grad_accum`` micro-batches each)."""
+def total_steps(cfg: "RunConfig", micro_batches_per_epoch: int, processes: int = 1) -> int:
+    """``train.max_steps``, else the optimizer steps of ``train.epochs``.
+
+    One step reads ``grad_accum`` micro-batches on each of ``processes`` ranks, so N
+    processes with ``grad_accum: g/N`` run as many steps as one process with ``grad_accum: g``.
+    """
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
-    return max(1, math.ceil(cfg.train.epochs * micro_batches_per_epoch / cfg.train.grad_accum))
+    per_step = cfg.train.grad_accum * processes
+    return max(1, math.ceil(cfg.train.epochs * micro_batches_per_epoch / per_step))

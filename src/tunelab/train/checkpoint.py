@@ -15,6 +15,12 @@ directory is something people copy, share and download, so reading one must neve
 anything: safetensors and JSON readers build tensors and plain values only. A checkpoint of
 the old pickle format (``state.pt``) is refused with a message, never unpickled.
 
+Under several processes every rank takes part and the main process writes: the RNG states hold
+each rank's torch generator, and under FSDP2 the shards are gathered into whole tensors and the
+optimizer state is keyed by parameter name (``state.json``'s ``optimizer_keys``), restored into
+shards on resume by torch's ``set_optimizer_state_dict``. ``torch.distributed.checkpoint`` is
+not used: its reader unpickles a metadata file (see :mod:`tunelab.train.distributed`).
+
 A checkpoint is written to a temporary directory and renamed into place in one step, and
 pruned ones are renamed away before they are deleted, so at every instant a directory named
 ``step-N`` is complete. A failed write (a full disk, a read-only directory) removes its
@@ -40,8 +46,9 @@ from torch import nn
 
 from tunelab.errors import TunelabError
 from tunelab.io import atomic_dir
-from tunelab.methods.base import trainable_state
 from tunelab.runs import RunDir
+from tunelab.train.distributed import (full_optimizer_state, full_trainable_state, is_sharded, load_full_optimizer,
+                                       load_full_trainable, per_rank, rank_and_world)
 
 TRAINABLE_FILE = "trainable.safetensors"
 STATE_TENSORS_FILE = "state.safetensors"
@@ -52,18 +59,24 @@ LEGACY_STATE_FILE = "state.pt"
 #: ``state.json``'s ``format``: bumped when the layout changes, so an old reader refuses a new file.
 FORMAT = "tunelab-checkpoint/2"
 
+#: ``state.json``'s ``optimizer_keys``: the optimizer state keyed by parameter position (torch's own
+#: ``state_dict``) or by parameter name (FSDP's gathered state); a checkpoint without it is by position.
+_POSITIONS, _NAMES = "positions", "names"
+
 # How state.json spells what JSON has no type for; a dict with exactly one of these keys is one.
 _TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
 
 
 @dataclass
 class TrainState:
-    """Where the loop is: optimizer steps done, and the next micro-batch to read."""
+    """Where the loop is: optimizer steps done, and the next micro-batch to read (``stream``: a
+    ``data.streaming`` run's position in its stream, JSON, None otherwise)."""
 
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
     tokens_seen: int = 0
+    stream: dict[str, Any] | None = None
 
 
 class _Unreadable(Exception):
@@ -150,12 +163,15 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 # ------------------------------------------------------------------------------------- RNG
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(torch_per_rank: list[torch.Tensor]) -> dict[str, Any]:
+    """The RNG states to restore; ``torch_per_rank``: every rank's torch generator (dropout masks
+    differ by rank once their batches differ in shape), the main process's also under ``torch``."""
     kind, key, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": {"kind": kind, "key": key.tolist(), "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
         "torch": torch.get_rng_state(),
+        "torch_per_rank": torch_per_rank,
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -167,7 +183,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     saved = state["numpy"]
     np.random.set_state((saved["kind"], np.asarray(saved["key"], dtype=np.uint32), saved["pos"],
                          saved["has_gauss"], saved["gauss"]))
-    torch.set_rng_state(state["torch"])
+    rank, world = rank_and_world()
+    ranks = state.get("torch_per_rank")  # absent in checkpoints of older tunelab versions
+    # resumed with another number of processes: every rank starts from the main process's state
+    torch.set_rng_state(ranks[rank] if isinstance(ranks, list) and len(ranks) == world else state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -193,16 +212,27 @@ def _write_failure(target: Path, err: OSError, previous: Path | None) -> Tunelab
 
 
 def save_checkpoint(run_dir: Path, model: nn.Module, optimizer, scheduler, state: TrainState,
-                    keep_last: int) -> Path:
-    """Write ``checkpoints/step-N`` atomically and prune all but the newest ``keep_last``."""
+                    keep_last: int, *, write: bool = True) -> Path | None:
+    """Write ``checkpoints/step-N`` atomically and prune all but the newest ``keep_last``.
+
+    Under FSDP every rank calls it (the shards are gathered into whole tensors, and the
+    optimizer state is keyed by parameter name, not position) and only ``write`` writes;
+    the files have the same layout either way, so nothing in them needs a pickle."""
+    sharded = is_sharded(model)
+    trainable = full_trainable_state(model)
+    optimizer_state = full_optimizer_state(model, optimizer) if sharded else optimizer.state_dict()
+    torch_per_rank = per_rank(torch.get_rng_state())
+    if not write:
+        return None
     run = RunDir(run_dir)
     target = run.checkpoint(state.step)
     previous = run.latest_checkpoint()
     store = _TensorStore()
-    tree = {"format": FORMAT, "optimizer": _encode(optimizer.state_dict(), store, "optimizer"),
+    tree = {"format": FORMAT, "optimizer_keys": _NAMES if sharded else _POSITIONS,
+            "optimizer": _encode(optimizer_state, store, "optimizer"),
             "scheduler": _encode(scheduler.state_dict(), store, "scheduler"),
-            "rng": _encode(_rng_state(), store, "rng")}
-    trainable = {name: t.contiguous().cpu() for name, t in trainable_state(model).items()}
+            "rng": _encode(_rng_state(torch_per_rank), store, "rng")}
+    trainable = {name: t.contiguous() for name, t in trainable.items()}
     try:
         with atomic_dir(target) as tmp:
             save_file(trainable, str(tmp / TRAINABLE_FILE))
@@ -287,21 +317,27 @@ def _read_state(path: Path) -> dict[str, Any]:
         found = tree.get("format") if isinstance(tree, dict) else None
         raise _damaged(path, STATE_FILE, f"its format is {found!r}, this tunelab reads {FORMAT!r} (a checkpoint "
                                          "written by a newer tunelab needs that version)")
+    keys = tree.get("optimizer_keys", _POSITIONS)
+    if keys not in (_POSITIONS, _NAMES):
+        raise _damaged(path, STATE_FILE, f"its optimizer_keys is {keys!r}, not {_POSITIONS!r} or {_NAMES!r}")
     try:
         state = {key: _decode(tree[key], tensors) for key in ("optimizer", "scheduler", "rng")}
     except KeyError as err:
         raise _damaged(path, STATE_FILE, f"it has no {err}") from None
     except (_Unreadable, RecursionError) as err:
         raise _damaged(path, STATE_FILE, err) from None
+    state["optimizer_keys"] = keys
     return state
 
 
 def _read_position(path: Path) -> TrainState:
     saved = _read_json(path, POSITION_FILE)
-    names = {f.name for f in fields(TrainState)}
-    if not (isinstance(saved, dict) and saved.keys() == names
-            and all(type(v) is int and v >= 0 for v in saved.values())):
-        raise _damaged(path, POSITION_FILE, f"it must hold the non-negative integers {sorted(names)}")
+    names = {f.name for f in fields(TrainState)} - {"stream"}
+    if not (isinstance(saved, dict) and saved.keys() - {"stream"} == names
+            and all(type(saved[name]) is int and saved[name] >= 0 for name in names)
+            and isinstance(saved.get("stream"), (dict, type(None)))):
+        raise _damaged(path, POSITION_FILE, f"it must hold the non-negative integers {sorted(names)} (and "
+                                            "'stream', an object or null)")
     return TrainState(**saved)
 
 
@@ -332,11 +368,21 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> Train
     position = _read_position(path)
     params = dict(model.named_parameters())
     _check_fit(path, tensors, params)
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            params[name].copy_(tensor)
+    sharded = is_sharded(model)
+    if (state["optimizer_keys"] == _NAMES) != sharded:
+        written, now = ("train.distributed=fsdp", "without it") if not sharded else ("without FSDP", "under FSDP")
+        raise TunelabError(f"checkpoint {path} was written {written} and this run trains {now}: the optimizer state "
+                           "is laid out differently. Resume with the launch and train.distributed the run was "
+                           "trained with (its config.yaml), or start over with --overwrite.")
     try:
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded:
+            load_full_trainable(model, tensors)
+            load_full_optimizer(model, optimizer, state["optimizer"])
+        else:
+            with torch.no_grad():
+                for name, tensor in tensors.items():
+                    params[name].copy_(tensor)
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as err:
         raise TunelabError(f"the optimizer or scheduler state in {path} does not fit this run ({err}). Resume with "

@@ -20,7 +20,8 @@
    error on any exception).
 
 Under ``accelerate launch``/``torchrun`` every process runs the lifecycle; only the main
-process writes into the run directory.
+process writes into the run directory (:mod:`tunelab.train.distributed`: strategies, rank
+shares of each step's micro-batches, the stop flag agreed by all ranks).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ import torch
 from torch import nn
 
 from tunelab.config import RunConfig
-from tunelab.data.pipeline import DataBundle, build_data
+from tunelab.data.pipeline import DataBundle, build_data, example_lengths
+from tunelab.data.streaming import open_stream
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.memory import peak_memory_bytes
 from tunelab.methods.base import Method, count_parameters, get_method
@@ -49,13 +51,18 @@ from tunelab.io import atomic_files
 from tunelab.runs import TOKENIZER_STAGING, RunDir
 from tunelab.train.batches import MicroBatches, total_steps
 from tunelab.train.checkpoint import TrainState, checkpoint_if_due, load_checkpoint, save_checkpoint
+from tunelab.train.compile import compile_decoder_layers
 from tunelab.trackers import with_trackers
 from tunelab.train.monitor import Monitor
 from tunelab.train.optim import build_optimizer, build_scheduler
+from tunelab.train.distributed import (agree, check_distributed, check_world_for_data, deepspeed_plugin,
+                                       gather_for_save, is_sharded, wrap_model)
 from tunelab.train.runtime import make_accelerator
 from tunelab.train.stages import get_stage
+from tunelab.train.stream_batches import StreamBatches, check_streaming
 
 if TYPE_CHECKING:
+    from tunelab.estimate.budget import BudgetChoice
     from accelerate import Accelerator
 
     from tunelab.train.stages.base import StageSpec
@@ -77,6 +84,8 @@ class TrainResult:
     #: Mean training loss over the steps this invocation ran, each weighted by its tokens (what
     #: the run learned on the whole; ``final_loss`` is one step's, and noisy).
     mean_loss: float | None = None
+    #: What ``train.memory_budget`` resolved to (None without a budget): predicted vs measured peak.
+    budget: BudgetChoice | None = None
 
 
 @dataclass
@@ -123,7 +132,7 @@ RESUMABLE_KEYS = frozenset({
     "train.lr", "train.max_steps", "train.epochs",
     "train.log_every", "train.save_every", "train.keep_last", "train.eval_every", "train.eval_base",
     "train.report_to", "data.eval", "data.num_workers", "data.cache_dir",
-    "train.gradient_checkpointing", "train.loss_chunk_size", "train.auto_batch_size",
+    "train.gradient_checkpointing", "train.loss_chunk_size", "train.auto_batch_size", "train.compile",
 })
 #: Keys never compared: the run directory is the one being resumed, however its path is spelled.
 _UNCOMPARED = frozenset({"output_dir"})
@@ -346,7 +355,8 @@ class RunTrainer:
     loop: ClassVar[Literal["batch", "rollout"]]
 
     def __init__(self, cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, discard: bool = False,
-                 force: bool = False, allow_config_change: bool = False, progress: bool = True):
+                 force: bool = False, allow_config_change: bool = False, progress: bool = True,
+                 budget: BudgetChoice | None = None):
         """``resume``, ``overwrite``, ``discard``, ``force``, ``allow_config_change``: how the run
         may treat what ``cfg.output_dir`` already holds (:func:`check_run_dir`)."""
         self.stage: "StageSpec" = get_stage(cfg.stage)
@@ -355,16 +365,26 @@ class RunTrainer:
                               f"{type(self).__name__}: start it with `tunelab train` (tunelab.train.run_stage), "
                               "which picks the stage's own loop.")
         self.check_config(cfg)
+        self.strategy = check_distributed(cfg)
+        if cfg.data.streaming:
+            check_streaming(cfg)
+        if cfg.train.memory_budget is not None and budget is None:
+            raise ConfigError("train.memory_budget is resolved by `tunelab train` (and the web UI, which runs it); "
+                              "from Python, call tunelab.estimate.budget.fit_memory_budget(cfg) and pass its "
+                              "config and choice (budget=) to run_stage, or remove train.memory_budget.")
+        self.budget = budget  # what train.memory_budget resolved to (tunelab.estimate.budget), or None
         self.cfg, self.resume, self.progress = cfg, resume, progress
         self.run_dir = RunDir(cfg.output_dir)
         self.plan = check_run_dir(self.run_dir, cfg, resume=resume, overwrite=overwrite, discard=discard,
                                   force=force, allow_config_change=allow_config_change)
-        self.accelerator = make_accelerator(cfg.train.precision)
+        self.accelerator = make_accelerator(cfg.train.precision, self.strategy,
+                                            deepspeed_plugin(cfg) if self.strategy == "deepspeed" else None)
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
+        self.rank, self.processes = self.accelerator.process_index, self.accelerator.num_processes
         self.accelerator.wait_for_everyone()  # every process has checked before the main one writes
         if self.is_main:
-            for note in prepare_run_dir(self.run_dir, cfg, self.plan):
+            for note in [*prepare_run_dir(self.run_dir, cfg, self.plan), *(self.budget.lines() if self.budget else [])]:
                 self.say(note)
         with self._recording_failure():
             self._setup()
@@ -374,18 +394,27 @@ class RunTrainer:
         torch.manual_seed(cfg.train.seed)
         self.method = get_method(cfg.method)
         base, self.tokenizer = load_training_base(cfg, self.accelerator, self.method)
-        self.data: DataBundle = build_data(cfg, self.tokenizer)
+        self.data: DataBundle = (open_stream if cfg.data.streaming else build_data)(cfg, self.tokenizer)
         self.stream = self.batch_order()
-        self.total_steps = total_steps(cfg, self.stream.per_epoch)
+        check_world_for_data(self.stream.per_epoch, cfg, self.processes)
+        self.total_steps = total_steps(cfg, self.stream.per_epoch, self.processes)
         optimizer_steps = self.total_steps * self.updates_per_step()
         self.method.configure_schedule(optimizer_steps)
         model = self.method.apply(base, self.tokenizer)
         if cfg.train.gradient_checkpointing:
             enable_gradient_checkpointing(model, self.method)
+        if cfg.train.compile:
+            compile_decoder_layers(model)
         self.attach(model)
+        # DDP and FSDP2 are applied here, not by accelerate (tunelab.train.distributed says why);
+        # FSDP2 replaces the parameters, so the optimizer is built after it.
+        wrapped = wrap_model(model, self.strategy, self.device, self.accelerator.mixed_precision)
         optimizer = build_optimizer(self.method.param_groups(model, cfg.train), cfg.train, say=self.say)
         self.scheduler = build_scheduler(optimizer, cfg.train, optimizer_steps)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if self.strategy in ("ddp", "fsdp"):
+            self.model, self.optimizer = wrapped, self.accelerator.prepare_optimizer(optimizer)
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.trainable_params, self.total_params = count_parameters(self.model)
         self.state = TrainState()
         self._status(total_steps=self.total_steps)
@@ -428,20 +457,29 @@ class RunTrainer:
 
     # -- helpers for steps -----------------------------------------------------------------
     def next_batch(self) -> list[int]:
-        """Indices of the next batch of ``self.data.train``; advances the data position in ``state``."""
-        epoch, index, indices = next(self._batches)
+        """Indices of this rank's next batch of ``self.data.train``; advances the data position in ``state``.
+
+        Each call reads one batch per rank from the one order and keeps the rank's own, so the
+        position (and a checkpoint of it) is the same on every rank."""
+        batches = [next(self._batches) for _ in range(self.processes)]
+        epoch, index, _ = batches[-1]
+        indices = batches[self.rank][2]
         self.state.epoch, self.state.batch_in_epoch = epoch, index + 1
+        if isinstance(self.stream, StreamBatches):  # a stream's position is its own (JSON in the checkpoint)
+            self.state.stream = self.stream.state_dict()
         return indices
 
     def say(self, text: str) -> None:
-        """A message for the user: on the terminal (above the progress bar) and in ``train.log``."""
+        """A message for the user: on the terminal (above the progress bar) and in ``train.log``
+        (the main process only: the other ranks would repeat it)."""
+        if not self.is_main:
+            return
         monitor = getattr(self, "_monitor", None)
         if monitor is not None:
             monitor.write(text)
             return
         print(text, file=sys.stderr)  # during set-up, before the bar exists
-        if self.is_main:
-            self.run_dir.append_log(text)
+        self.run_dir.append_log(text)
 
     @property
     def epoch_progress(self) -> float:
@@ -460,7 +498,8 @@ class RunTrainer:
                                                         enabled=self.is_main, progress=self.progress),
                                                 self.cfg, enabled=self.is_main)
         try:
-            for line in self.announce() if self.is_main else []:
+            notes = self.method.notes(self.accelerator.unwrap_model(self.model))  # e.g. AdapterDrop's dropped layers
+            for line in [*notes, *self.announce()] if self.is_main else []:
                 monitor.write(line)
             baseline = self.baseline_metrics() if self.state.step == 0 else {}
             if baseline:
@@ -474,7 +513,7 @@ class RunTrainer:
             interrupted = False
             with StopFlag() as stop:
                 while self.state.step < self.total_steps:
-                    out = self.step()
+                    out = self._agree(self.step())
                     self.state.step += 1
                     self.state.tokens_seen += out.tokens
                     window_tokens += out.tokens
@@ -493,23 +532,41 @@ class RunTrainer:
                         self._status(step=step)
                     if t.eval_every and step % t.eval_every == 0 and step != self.total_steps:
                         self._log_eval(monitor)
-                    if checkpoint_if_due(step, t.save_every, stop.requested, self._checkpoint, monitor.write):
+                    if checkpoint_if_due(step, t.save_every, self._stop_agreed(stop.requested), self._checkpoint,
+                                         monitor.write):
                         interrupted = True
                         break
             wall = time.perf_counter() - started
             final_eval = {} if interrupted else self._log_eval(monitor)
             if not interrupted:
                 self.save()
+            if self.budget is not None:
+                monitor.write(self.budget.report(peak_memory_bytes(self.device)))
         finally:
             monitor.close()
         self._status(status="stopped" if interrupted else "finished", step=self.state.step)
+        self.accelerator.wait_for_everyone()  # no rank exits (and has the launcher end the rest) before that
         return TrainResult(
             run_dir=self.run_dir.root, steps=self.state.step, final_loss=last.get("loss"),
             eval_loss=final_eval.get("eval_loss"), interrupted=interrupted,
             trainable_params=self.trainable_params, total_params=self.total_params,
             tokens_per_s=total_tokens / max(wall, 1e-9), peak_memory_bytes=peak_memory_bytes(self.device),
             wall_s=wall, last_metrics={**baseline, **last, **final_eval},
-            mean_loss=weighted_loss / loss_tokens if loss_tokens else None)
+            mean_loss=weighted_loss / loss_tokens if loss_tokens else None, budget=self.budget)
+
+    def _agree(self, out: StepOutput) -> StepOutput:
+        """A step's report for the whole launch, in one all-reduce: the tokens of all ranks and the
+        metrics' mean over the ranks. A single process gets its own back."""
+        if self.processes == 1:
+            return out
+        keys = [k for k, v in out.row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        summed = agree([float(out.tokens), *(float(out.row[k]) for k in keys)], self.device)
+        return StepOutput(int(summed[0]), {**out.row, **{k: v / self.processes for k, v in zip(keys, summed[1:])}})
+
+    def _stop_agreed(self, requested: bool) -> bool:
+        """Whether any rank was asked to stop (a signal reaches one process, or the launcher's
+        group): then every rank checkpoints the same step together and stops."""
+        return requested if self.processes == 1 else agree([float(requested)], self.device)[0] > 0
 
     def _log_eval(self, monitor: Monitor) -> dict[str, float]:
         result = self.evaluate()
@@ -524,6 +581,8 @@ class RunTrainer:
         new_peaks = list(self.scheduler.base_lrs)
         self.state = load_checkpoint(latest, self.accelerator.unwrap_model(self.model), self.optimizer,
                                      self.scheduler)
+        if isinstance(self.stream, StreamBatches):
+            self.stream.load_state_dict(self.state.stream)
         if self.plan.config_changes:
             self._reschedule(new_peaks)
 
@@ -537,17 +596,20 @@ class RunTrainer:
             group["lr"] = peak * factor(self.scheduler.last_epoch)
 
     def _checkpoint(self) -> None:
+        """Every rank takes part (FSDP gathers the shards); the main process writes."""
         self.accelerator.wait_for_everyone()
-        if self.is_main:
-            save_checkpoint(self.run_dir.root, self.accelerator.unwrap_model(self.model), self.optimizer,
-                            self.scheduler, self.state, self.cfg.train.keep_last)
+        save_checkpoint(self.run_dir.root, self.accelerator.unwrap_model(self.model), self.optimizer,
+                        self.scheduler, self.state, self.cfg.train.keep_last, write=self.is_main)
+        self.accelerator.wait_for_everyone()
 
     def save(self) -> None:
         """Write the stage's outputs, the trained method and the tokenizer into the run directory."""
         self.accelerator.wait_for_everyone()
+        model = self.accelerator.unwrap_model(self.model)
+        if is_sharded(model):
+            gather_for_save(model, self.is_main)
         if not self.is_main:
             return
-        model = self.accelerator.unwrap_model(self.model)
         with atomic_files(self.run_dir.tokenizer, TOKENIZER_STAGING) as staging:
             self.tokenizer.save_pretrained(str(staging))
         self.save_outputs(model)
@@ -590,5 +652,5 @@ class RolloutTrainer(RunTrainer):
         raise NotImplementedError
 
     def batch_order(self) -> MicroBatches:
-        return MicroBatches([len(e.prompt_ids) for e in self.data.train], self.prompts_per_step(),
+        return MicroBatches(example_lengths(self.data.train), self.prompts_per_step(),
                             self.cfg.train.seed, group_by_length=False)

@@ -1,7 +1,8 @@
 """The batch loop: one loop for every method and every batch-based stage (pt, sft, rm, dpo, kto).
 
 Built on ``accelerate`` so the same code runs on CPU, one GPU, or under
-``accelerate launch``/``torchrun`` (DDP, FSDP, DeepSpeed). The run around it (run
+``accelerate launch``/``torchrun`` (DDP, FSDP2, DeepSpeed: :mod:`tunelab.train.distributed`;
+each rank runs its share of a step's micro-batches). The run around it (run
 directory, resume, stop, checkpoints, logging, save) is :class:`RunTrainer`'s; this module
 owns what makes a step fast and exact: token-level loss normalisation across
 micro-batches (the stage's :class:`Objective` sums its loss over units, the step divides
@@ -19,12 +20,14 @@ from torch import nn
 
 from tunelab.config import RunConfig
 from tunelab.data.batching import PadWidth, collate_examples
-from tunelab.data.pipeline import example_length
+from tunelab.data.pipeline import example_lengths
 from tunelab.errors import TunelabError
 from tunelab.memory import peak_memory_bytes
 from tunelab.train.batches import MicroBatches
+from tunelab.train.distributed import gradient_sync, norm_value
 from tunelab.train.lifecycle import RunTrainer, StepOutput, TrainResult
 from tunelab.train.objectives import Objective
+from tunelab.train.stream_batches import StreamBatches
 from tunelab.train.runtime import packing_enabled
 
 
@@ -43,9 +46,13 @@ class Trainer(RunTrainer):
 
     loop = "batch"
 
-    def batch_order(self) -> MicroBatches:
+    def batch_order(self) -> MicroBatches | StreamBatches:
         cfg = self.cfg
-        return MicroBatches([example_length(e) for e in self.data.train], cfg.train.batch_size, cfg.train.seed,
+        if cfg.data.streaming:  # from here on self.data.train indexes the examples of the step being read
+            order = StreamBatches(self.data.train, cfg.train.batch_size, keep=cfg.train.grad_accum)
+            self.data.train = order.examples
+            return order
+        return MicroBatches(example_lengths(self.data.train), cfg.train.batch_size, cfg.train.seed,
                             cfg.data.group_by_length)
 
     def attach(self, model: nn.Module) -> None:
@@ -72,11 +79,10 @@ class Trainer(RunTrainer):
         """Accumulate gradients over ``batches`` normalised by their total units, then update."""
         self.model.train()
         units = max(1, self._count(batches))
-        scale = self.accelerator.num_processes / units  # DDP averages gradients over processes
+        scale = self.accelerator.num_processes / units  # DDP and FSDP average gradients over processes
         loss_sum, sums = 0.0, {}
         for i, batch in enumerate(batches):
-            sync = i == len(batches) - 1
-            with self.accelerator.no_sync(self.model) if not sync else nullcontext():
+            with gradient_sync(self.model, sync=i == len(batches) - 1):
                 with self.accelerator.autocast():
                     loss, metrics = self.objective.loss(self.model, batch)
                 self.accelerator.backward(loss * scale)
@@ -85,7 +91,7 @@ class Trainer(RunTrainer):
                 sums[key] = sums.get(key, 0.0) + float(value)
         grad_norm = None
         if self.cfg.train.max_grad_norm is not None:
-            grad_norm = float(self.accelerator.clip_grad_norm_(
+            grad_norm = norm_value(self.accelerator.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.requires_grad], self.cfg.train.max_grad_norm))
         self.optimizer.step()
         self.method.on_optimizer_step(self.accelerator.unwrap_model(self.model), self.state.step + 1)
@@ -131,7 +137,8 @@ class Trainer(RunTrainer):
     def step(self) -> StepOutput:
         """``train.grad_accum`` micro-batches, one optimizer step."""
         groups = [self.next_batch() for _ in range(self.cfg.train.grad_accum)]
-        tokens = sum(example_length(self.data.train[i]) for group in groups for i in group)
+        lengths = example_lengths(self.data.train)
+        tokens = sum(int(lengths[i]) for group in groups for i in group)
         row = self._step_fitting_memory(groups)
         return StepOutput(tokens, {"epoch": self.epoch_progress, **row,
                                    "peak_memory_bytes": peak_memory_bytes(self.device)})
@@ -144,7 +151,8 @@ class Trainer(RunTrainer):
         self.model.eval()
         loss_sum, units, sums = 0.0, 0, {}
         bs = self.cfg.train.batch_size
-        order = sorted(range(len(self.data.eval)), key=lambda i: example_length(self.data.eval[i]))
+        lengths = example_lengths(self.data.eval)
+        order = sorted(range(len(self.data.eval)), key=lambda i: lengths[i])
         for start in range(0, len(order), bs):
             batch = self._collate(order[start:start + bs], self.data.eval)
             with self.accelerator.autocast():
@@ -173,7 +181,8 @@ class Trainer(RunTrainer):
         share = 100.0 * self.trainable_params / max(self.total_params, 1)
         return [f"method {self.method.name}: {self.trainable_params:,} trainable of {self.total_params:,} "
                 f"parameters ({share:.3f}%)",
-                f"data: {len(self.data.train)} train / {len(self.data.eval)} eval examples; "
+                f"data: {'streamed' if self.cfg.data.streaming else len(self.data.train)} train / "
+                f"{len(self.data.eval)} eval examples; "
                 f"{stats.get('truncated', 0)} truncated, {stats.get('dropped', 0)} dropped, "
                 f"{stats.get('skipped', 0)} skipped; {self.total_steps} steps"]
 

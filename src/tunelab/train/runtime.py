@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from functools import lru_cache
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -37,13 +38,18 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if cpu_has_bf16_units() else "no"
 
 
-def make_accelerator(precision: str) -> Accelerator:
-    """An Accelerator for this run's precision.
+def make_accelerator(precision: str, strategy: str = "single", deepspeed_plugin: Any = None) -> Accelerator:
+    """An Accelerator for this run's precision and distributed strategy.
 
     accelerate keeps one process-wide state and refuses a second Accelerator with another
     precision; runs started one after another in one process (tests, notebooks, eval after
     train) may differ, so the precision part of that state is reset first. The process
     group (PartialState) is kept, so distributed launches are unaffected.
+
+    Several processes without a GPU: ``cpu=True`` is what makes accelerate join the launcher's process group
+    (gloo): without it, each rank of a torchrun launch on a CPU machine reports a
+    non-distributed state and trains alone. ``deepspeed``: ``deepspeed_plugin`` is accelerate's
+    plugin for the user's JSON config (``tunelab.train.distributed.deepspeed_plugin``).
     """
     from accelerate.state import AcceleratorState
 
@@ -51,7 +57,10 @@ def make_accelerator(precision: str) -> Accelerator:
     state = AcceleratorState._shared_state
     if state and str(state.get("_mixed_precision", mixed)) != mixed:
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed)
+    if strategy == "deepspeed":
+        return Accelerator(mixed_precision=mixed, deepspeed_plugin=deepspeed_plugin)
+    several = strategy in ("ddp", "fsdp")
+    return Accelerator(mixed_precision=mixed, cpu=several and not torch.cuda.is_available())
 
 
 def packing_enabled(setting: bool | str, attn_implementation: str, supports_packing: bool) -> bool:

@@ -1,0 +1,147 @@
+"""Long context: peak memory and tokens/s of SmolLM2 LoRA at 2k to 32k tokens per sequence.
+
+The job per length L: SmolLM2-135M-Instruct, LoRA r=8/alpha=16 on all linear layers,
+continued pre-training (stage pt) on blocks of exactly L tokens cut from one long document
+(the benchmark's alpaca answers joined), one block per micro-batch, ``--steps`` optimizer
+steps, with gradient checkpointing, the chunked LM-head loss (256 rows) and SDPA (one
+unpadded row: causal attention without a mask, torch's flash kernel on CPU, memory linear
+in L). Beyond SmolLM2's 8,192 trained positions the RoPE is stretched with
+``model.rope_scaling: {type: linear, factor: L / 8192}``.
+
+Each length runs ``python -m tunelab.cli train`` in a child process; its peak RSS comes from
+``os.wait4`` (:func:`tunelab.estimate.measure.run_child`), its tokens/s from the last step in
+metrics.jsonl (the first step also compiles oneDNN kernels). Lengths run in ascending order,
+and the next one starts only if the memory available (MemAvailable) exceeds its predicted
+peak (``tunelab estimate``) by ``--headroom`` GiB: the machine is shared.
+
+Usage (from the repository root)::
+
+    . .venv/bin/activate
+    HF_HUB_OFFLINE=1 python benchmarks/long_context.py [--lengths 2048 8192 16384 32768] [--steps 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunelab.config import load_config
+from tunelab.estimate import estimate, parse_target
+from tunelab.estimate.measure import run_child
+from tunelab.io import write_json, write_text
+from tunelab.memory import proc_kib_field_bytes
+from tunelab.runs import RunDir
+
+from speed import DATA, RESULTS  # benchmarks/ is on sys.path when this runs as a script
+
+#: Positions SmolLM2 was trained on (its config's max_position_embeddings).
+TRAINED_POSITIONS = 8192
+
+
+def job(length: int, steps: int, data: Path, output_dir: Path) -> dict[str, Any]:
+    tree: dict[str, Any] = {
+        "model": {"name_or_path": "smollm2-135m-instruct"},
+        "method": {"type": "lora", "r": 8, "alpha": 16, "target": "all-linear", "dropout": 0.0},
+        "stage": "pt",
+        "data": {"train": [str(data)], "max_length": length, "packing": False},
+        "train": {"max_steps": steps, "batch_size": 1, "lr": 2e-4, "seed": 42, "log_every": 1,
+                  "gradient_checkpointing": True, "loss_chunk_size": 256},
+        "output_dir": str(output_dir)}
+    if length > TRAINED_POSITIONS:
+        tree["model"]["rope_scaling"] = {"type": "linear", "factor": length / TRAINED_POSITIONS}
+    return tree
+
+
+def write_document(path: Path, tokens_needed: int) -> None:
+    """One long document of roughly ``tokens_needed`` tokens or more (about 4 characters per token)."""
+    answers = [record["output"] for record in json.loads(DATA.read_text(encoding="utf-8"))]
+    corpus = "\n\n".join(answers)
+    text = (corpus + "\n\n") * (tokens_needed * 5 // len(corpus) + 1)
+    path.write_text(json.dumps({"text": text}) + "\n", encoding="utf-8")
+
+
+def measure(length: int, steps: int, scratch: Path, headroom: float) -> dict[str, Any]:
+    config = scratch / f"len{length}.yaml"
+    run_dir = scratch / f"run{length}"
+    data = scratch / f"doc{length}.jsonl"
+    write_document(data, length * (steps + 1))
+    config.write_text(yaml.safe_dump(job(length, steps, data, run_dir)), encoding="utf-8")
+    predicted = estimate(load_config(config), parse_target("cpu")).peak_bytes
+    available = proc_kib_field_bytes("/proc/meminfo", "MemAvailable") or 0
+    row: dict[str, Any] = {"length": length, "predicted_peak_bytes": predicted, "available_bytes": available,
+                           "loadavg_before": os.getloadavg()[0]}
+    if available < predicted + headroom * 2**30:
+        row["skipped"] = (f"{available / 2**30:.1f} GiB available, predicted peak {predicted / 2**30:.2f} GiB "
+                          f"+ {headroom} GiB headroom")
+        return row
+    command = [sys.executable, "-m", "tunelab.cli", "train", str(config), "--quiet", "--overwrite"]
+    code, peak, wall = run_child(command, scratch / f"len{length}.log")
+    if code != 0:
+        row["failed"] = (scratch / f"len{length}.log").read_text(encoding="utf-8", errors="replace")[-800:]
+        return row
+    steps_rows = [r for r in RunDir(run_dir).read_metrics() if "loss" in r]
+    row.update(measured_peak_bytes=peak, wall_s=round(wall, 1), tokens_per_s=steps_rows[-1]["tokens_per_s"],
+               losses=[r["loss"] for r in steps_rows], loadavg_after=os.getloadavg()[0])
+    return row
+
+
+def markdown(rows: list[dict[str, Any]], command: str) -> str:
+    lines = ["# Long context: SmolLM2-135M LoRA, one sequence per step", "",
+             f"Measured with `{command}`; LoRA r8 all-linear, stage pt, batch 1, gradient checkpointing, "
+             "loss chunks of 256, SDPA, bf16 autocast on CPU; linear RoPE scaling beyond 8,192 positions. "
+             "Peak RSS of the training process (os.wait4); tokens/s of the last step. Load average (1 min) "
+             "before/after each length on a shared 2-core machine.", "",
+             "| tokens/sequence | predicted peak | measured peak | per 1k tokens over 2k | tokens/s | load |",
+             "|---:|---:|---:|---:|---:|---|"]
+    first = next((r for r in rows if "measured_peak_bytes" in r), None)
+    for r in rows:
+        if "measured_peak_bytes" not in r:
+            lines.append(f"| {r['length']} | {r['predicted_peak_bytes'] / 2**30:.2f} GiB | "
+                         f"{'skipped: ' + r['skipped'] if 'skipped' in r else 'failed'} | | | |")
+            continue
+        slope = ""
+        if first is not None and r is not first:
+            growth = (r["measured_peak_bytes"] - first["measured_peak_bytes"]) / 2**20
+            slope = f"{growth / ((r['length'] - first['length']) / 1000):.0f} MiB"
+        lines.append(f"| {r['length']} | {r['predicted_peak_bytes'] / 2**30:.2f} GiB | "
+                     f"{r['measured_peak_bytes'] / 2**30:.2f} GiB | {slope} | {r['tokens_per_s']:.0f} | "
+                     f"{r['loadavg_before']:.1f}/{r['loadavg_after']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384, 32768])
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--headroom", type=float, default=3.0, help="GiB kept free for the other users")
+    parser.add_argument("--keep", action="store_true", help="keep the stored rows of other lengths")
+    args = parser.parse_args(argv)
+    command = "python benchmarks/long_context.py " + " ".join(argv)
+    stored = json.loads((RESULTS / "long_context.json").read_text(encoding="utf-8")) if args.keep else {"rows": []}
+    rows: list[dict[str, Any]] = [r for r in stored["rows"] if r["length"] not in args.lengths]
+    with tempfile.TemporaryDirectory(prefix="tunelab-long-") as scratch:
+        for length in sorted(args.lengths):
+            started = time.perf_counter()
+            row = measure(length, args.steps, Path(scratch), args.headroom)
+            rows.append(row)
+            rows.sort(key=lambda r: r["length"])
+            shown = {k: v for k, v in row.items() if k != "failed"}
+            print(json.dumps(shown), f"({time.perf_counter() - started:.0f}s)", flush=True)
+            write_json(RESULTS / "long_context.json", {"command": command, "rows": rows})
+            write_text(RESULTS / "long_context.md", markdown(rows, command.strip()))
+            if "measured_peak_bytes" not in row:
+                print(row.get("failed") or row.get("skipped"), flush=True)
+                break
+    print(markdown(rows, command.strip()))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,109 @@
+"""``train.memory_budget`` on real runs: does every run stay under its budget?
+
+Each point is the benchmark job of ``speed.py`` (SmolLM2-135M-Instruct, alpaca-style data,
+bf16 autocast on CPU) with a method, a max length, a micro-batch size and a budget. The
+budget is resolved in this process exactly as ``tunelab train`` resolves it
+(:func:`tunelab.estimate.budget.fit_memory_budget`: the settings it picks and their predicted
+peak), then the run trains ``--steps`` optimizer steps in a child process (``python -m
+tunelab.cli train``, which resolves the budget again, before loading the model) whose peak
+RSS comes from ``os.wait4``. The child's train.log must name the same settings.
+
+Table: budget, chosen settings, predicted peak, measured peak, and whether the measured
+peak is under the budget; to benchmarks/results/memory_budget.{md,json}.
+
+Usage (from the repository root)::
+
+    . .venv/bin/activate
+    HF_HUB_OFFLINE=1 python benchmarks/memory_budget.py [--dry-run] [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tunelab.config import load_config
+from tunelab.estimate.measure import measurement_overrides, run_child
+from tunelab.io import write_json, write_text
+from tunelab.estimate.budget import fit_memory_budget
+
+from speed import RESULTS, write_job_config  # benchmarks/ is on sys.path when this runs as a script
+
+#: (method, max_length, micro-batch size, budget)
+GRID: list[tuple[str, int, int, str]] = [
+    ("lora", 512, 8, "2.5GiB"), ("lora", 512, 8, "1.5GiB"), ("lora", 256, 4, "1.3GiB"),
+    ("full", 512, 4, "3.5GiB"), ("prefix", 512, 4, "1.8GiB"), ("qlora", 512, 4, "2.5GiB"),
+]
+
+
+def overrides(method: str, length: int, batch: int, budget: str) -> list[str]:
+    return [f"method.type={method}", f"data.max_length={length}", f"train.batch_size={batch}",
+            f"train.memory_budget={budget}", "data.packing=true"]
+
+
+def run_point(base: Path, point: tuple[str, int, int, str], steps: int, scratch: Path, dry: bool
+              ) -> dict[str, Any]:
+    method, length, batch, budget = point
+    extra = overrides(*point)
+    cfg = load_config(base, [*extra, f"train.max_steps={steps}"])
+    _, choice = fit_memory_budget(cfg)
+    assert choice is not None
+    row: dict[str, Any] = {"method": method, "max_length": length, "batch_size": batch, "budget": budget,
+                           "budget_bytes": choice.budget_bytes, "choice": choice.lines()[0],
+                           "predicted_peak_bytes": choice.predicted_peak_bytes}
+    if dry:
+        return row
+    run_dir = scratch / f"{method}-{length}-{batch}-{budget}"
+    command = [sys.executable, "-m", "tunelab.cli", "train", str(base), *extra,
+               *measurement_overrides(steps, str(run_dir)), "--quiet", "--overwrite"]
+    code, peak, wall = run_child(command, scratch / "train.log")
+    log = (run_dir / "train.log").read_text(encoding="utf-8") if (run_dir / "train.log").is_file() else ""
+    row.update(exit_code=code, measured_peak_bytes=peak, wall_s=round(wall, 1), loadavg=os.getloadavg()[0],
+               same_choice_in_run=row["choice"] in log, under_budget=code == 0 and peak <= choice.budget_bytes)
+    return row
+
+
+def markdown(rows: list[dict[str, Any]], command: str) -> str:
+    lines = ["# train.memory_budget: predicted vs measured vs budget", "",
+             f"Measured with `{command}`: the speed job (SmolLM2-135M-Instruct, alpaca-style data, packed, bf16 "
+             "autocast on CPU), 3 optimizer steps per run; peak RSS of the training process (os.wait4). "
+             "Load average (1 min) after each run on a shared 2-core machine.", "",
+             "| method | max len | batch | budget | chosen settings | predicted | measured | under budget | load |",
+             "|---|---:|---:|---|---|---:|---:|---|---:|"]
+    for r in rows:
+        settings = r["choice"].split(": ", 1)[1].split("; predicted")[0]
+        measured = f"{r['measured_peak_bytes'] / 2**30:.2f} GiB" if r.get("measured_peak_bytes") else "-"
+        under = {True: "yes", False: "NO"}.get(r.get("under_budget"), "-")
+        load = f"{r['loadavg']:.1f}" if "loadavg" in r else "-"
+        lines.append(f"| {r['method']} | {r['max_length']} | {r['batch_size']} | {r['budget']} "
+                     f"({r['budget_bytes'] / 2**30:.2f} GiB) | {settings} | "
+                     f"{r['predicted_peak_bytes'] / 2**30:.2f} GiB | {measured} | {under} | {load} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--dry-run", action="store_true", help="resolve the budgets only; train nothing")
+    args = parser.parse_args(argv)
+    command = " ".join(["python benchmarks/memory_budget.py", *argv])
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tunelab-budget-") as scratch:
+        base = write_job_config(Path(scratch))
+        for point in GRID:
+            row = run_point(base, point, args.steps, Path(scratch), args.dry_run)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if not args.dry_run:
+                write_json(RESULTS / "memory_budget.json", {"command": command, "rows": rows})
+                write_text(RESULTS / "memory_budget.md", markdown(rows, command))
+    print(markdown(rows, command))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
