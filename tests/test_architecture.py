@@ -31,7 +31,7 @@ LAYERS: dict[str, int] = {
     # train/: the parts steps use, the lifecycle, the trainers (any other train module), the stage declarations
     **{f"tunelab.train.{name}": 7 for name in ("losses", "rl_math", "optim", "runtime", "checkpoint", "reference",
                                                "rewards", "rollout", "objectives", "batches", "monitor",
-                                               "stream_batches", "distributed", "compile")},
+                                               "stream_batches", "distributed", "compile", "launch")},
     "tunelab.train.lifecycle": 8,
     "tunelab.train": 9,
     "tunelab.train.stages": 10,

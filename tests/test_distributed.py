@@ -30,7 +30,8 @@ from tunelab.errors import ConfigError
 from tunelab.estimate import estimate_main
 from tunelab.runs import RunDir
 from tunelab.train import run_stage
-from tunelab.train.distributed import check_distributed, check_world_for_data, strip_launcher_flag
+from tunelab.train.distributed import check_distributed, check_world_for_data
+from tunelab.train.launch import strip_launcher_flag
 
 FIXTURES = Path(__file__).parent / "fixtures" / "llamafactory"
 LAUNCH_TIMEOUT = 900  # a safety net against a hang, never an assertion on speed

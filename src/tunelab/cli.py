@@ -199,7 +199,8 @@ def train(
 def _train_relaunched(cfg: Any, nproc_per_node: int) -> None:
     """``tunelab train --nproc-per-node N``: the same command under torchrun; exit 3 when the run stopped."""
     from tunelab.runs import RunDir
-    from tunelab.train.distributed import check_distributed, relaunch
+    from tunelab.train.distributed import check_distributed
+    from tunelab.train.launch import relaunch
 
     check_distributed(cfg, nproc_per_node)  # a setting that cannot work fails here, before N processes start
     code = relaunch(nproc_per_node, sys.argv[1:])

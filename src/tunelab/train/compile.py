@@ -19,15 +19,7 @@ from __future__ import annotations
 from torch import nn
 
 from tunelab.errors import ConfigError
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks: the classes a transformers model names in ``_no_split_modules``."""
-    inner = model
-    while hasattr(inner, "get_base_model") and inner.get_base_model() is not inner:
-        inner = inner.get_base_model()  # PEFT wrappers
-    names = set(getattr(inner, "_no_split_modules", None) or ())
-    return [module for module in model.modules() if type(module).__name__ in names]
+from tunelab.models.blocks import decoder_blocks
 
 
 def compile_decoder_layers(model: nn.Module, backend: str = "inductor") -> int:
@@ -36,7 +28,7 @@ def compile_decoder_layers(model: nn.Module, backend: str = "inductor") -> int:
     Raises ConfigError when the model names no decoder layer class, so ``train.compile`` is
     never silently a no-op.
     """
-    layers = decoder_layers(model)
+    layers = decoder_blocks(model)
     if not layers:
         raise ConfigError(f"train.compile: {type(model).__name__} does not name its decoder layer class "
                           "(transformers' `_no_split_modules`), so there is nothing tunelab knows how to compile. "

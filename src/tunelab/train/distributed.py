@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import warnings
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator, Literal
@@ -40,6 +39,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from tunelab.errors import ConfigError
+from tunelab.models.blocks import decoder_blocks
 
 if TYPE_CHECKING:
     from tunelab.config import RunConfig
@@ -186,15 +186,6 @@ class AttributeDDP(DistributedDataParallel):
             return getattr(self.module, name)
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks: the classes transformers never splits across devices
-    (``_no_split_modules``), found through any wrapper (PEFT, adapters)."""
-    names: set[str] = set()
-    for module in model.modules():
-        names.update(getattr(module, "_no_split_modules", None) or ())
-    return [module for module in model.modules() if type(module).__name__ in names]
-
-
 def shard_model(model: nn.Module, device: torch.device, mixed_precision: str) -> nn.Module:
     """FSDP2 in place: each decoder layer a unit (its parameters gathered just for its own forward
     and backward), then the root for the embeddings, the head and anything outside the layers."""
@@ -211,7 +202,7 @@ def shard_model(model: nn.Module, device: torch.device, mixed_precision: str) ->
     # head bypassed, see models.forward): a view is only unsafe under in-place ops, which no
     # objective applies to the model's output.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    for layer in decoder_layers(model):
+    for layer in decoder_blocks(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
@@ -359,50 +350,3 @@ def agree(values: list[float], device: torch.device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.tolist()
-
-
-# --------------------------------------------------------------------------------- launch
-
-def torchrun_command(nproc_per_node: int, argv: list[str]) -> list[str]:
-    """The command that runs this ``tunelab`` invocation (``argv``, without the launcher flag)
-    under torchrun on this machine: ``--standalone`` picks a free rendezvous port."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
-            "-m", "tunelab.cli", *argv]
-
-
-def strip_launcher_flag(argv: list[str]) -> list[str]:
-    """``argv`` without ``--nproc-per-node N`` / ``--nproc-per-node=N`` (the relaunched workers
-    must not relaunch again)."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--nproc-per-node":
-            skip = True
-        elif not arg.startswith("--nproc-per-node="):
-            out.append(arg)
-    return out
-
-
-
-def relaunch(nproc_per_node: int, argv: list[str]) -> int:
-    """Run ``tunelab argv`` under torchrun with ``nproc_per_node`` processes and wait for it.
-
-    torchrun runs in its own session, so a Ctrl-C in the terminal reaches this process only,
-    which passes one SIGTERM on; torchrun passes it to every worker, and they checkpoint
-    together and stop (torchrun allows them 30 s before it kills them). Returns torchrun's
-    exit status."""
-    import signal
-    import subprocess
-
-    child = subprocess.Popen(torchrun_command(nproc_per_node, strip_launcher_flag(argv)), start_new_session=True)
-
-    def forward(signum: int, frame: Any) -> None:
-        child.send_signal(signal.SIGTERM)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        return child.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
