@@ -173,6 +173,23 @@ def test_train_runs_the_sft_example_unchanged(tiny_model_dir, tmp_path):
     assert any("eval_loss" in r for r in rows)  # val_size 1 held out, evaluated every 2 steps
 
 
+
+@pytest.mark.parametrize("name, stage", [("dpo", "dpo"), ("kto", "kto"), ("pretrain", "pt"), ("reward", "rm")])
+def test_train_runs_the_other_examples_unchanged(name, stage, tiny_model_dir, tmp_path):
+    """Every other train_lora example trains as written: only the model, the paths and the template
+    differ (the tiny test tokenizer has ChatML's special tokens, not Llama 3's or Qwen 3's)."""
+    tree = {**lf_tree(name), "model_name_or_path": str(tiny_model_dir), "dataset_dir": str(FIXTURES),
+            "output_dir": str(tmp_path / "run"), "template": "chatml"}
+    config = tmp_path / f"lora_{name}.yaml"
+    config.write_text(yaml.safe_dump(tree, sort_keys=False))
+    result = runner.invoke(app, ["train", str(config), "--quiet"])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    assert yaml.safe_load((run / "config.yaml").read_text())["stage"] == stage
+    losses = [row["loss"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in row]
+    assert losses and all(loss == loss for loss in losses)  # logged every step, never NaN
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == tree["lora_rank"]
+
 # The model keys of LLaMA-Factory's examples/train_qlora/qwen3_lora_sft_{otfq,bnb_npu}.yaml beyond train_lora's,
 # and model_revision (its ModelArguments: a branch, tag or commit; default "main").
 QLORA_KEYS = {"quantization_bit": 4, "quantization_method": "bnb", "double_quantization": False}
