@@ -80,6 +80,18 @@ def no_model_load(monkeypatch):
     refuse_model_load(monkeypatch)
 
 
+def test_a_bad_record_is_reported_before_the_model_is_loaded(tiny_model_dir, tmp_path, no_model_load):
+    """The data is read before the model loads: a broken line costs no model load."""
+    data = tmp_path / "broken.jsonl"
+    data.write_text(json.dumps({"instruction": "Hi?", "output": "Hello."}) + "\n{not json\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"model": {"name_or_path": str(tiny_model_dir)},
+                                      "data": {"train": [str(data)]}, "output_dir": str(tmp_path / "run")}))
+    result = train(config)
+    assert result.exit_code == 2, result.output
+    assert "broken.jsonl" in result.output and "line 2" in result.output
+
+
 def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
     """Every file under ``root`` with its bytes and mtime: equal snapshots mean nothing was written."""
     return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)

@@ -46,7 +46,7 @@ from tunelab.data.streaming import open_stream
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.memory import peak_memory_bytes
 from tunelab.methods.base import Method, count_parameters, get_method
-from tunelab.models.loader import load_base, training_dtype
+from tunelab.models.loader import load_base, load_tokenizer, training_dtype
 from tunelab.io import atomic_files
 from tunelab.runs import TOKENIZER_STAGING, RunDir
 from tunelab.train.batches import MicroBatches, total_steps
@@ -325,10 +325,10 @@ def enable_gradient_checkpointing(model: nn.Module, method: Method) -> None:
         model.enable_input_require_grads()  # frozen embeddings: keep a grad path into checkpointed blocks
 
 
-def load_training_base(cfg: RunConfig, accelerator: "Accelerator", method: Method) -> tuple[nn.Module, Any]:
-    """The base model and tokenizer in the dtype this run trains with (see ``training_dtype``)."""
+def load_training_base(cfg: RunConfig, accelerator: "Accelerator", method: Method) -> nn.Module:
+    """The base model in the dtype this run trains with (see ``training_dtype``)."""
     dtype = training_dtype(cfg.model.dtype, accelerator.mixed_precision, method.trains_base_weights)
-    return load_base(cfg.model, accelerator.device, dtype)
+    return load_base(cfg.model, accelerator.device, dtype)[0]
 
 
 def _describe(err: BaseException) -> str:
@@ -393,10 +393,13 @@ class RunTrainer:
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
         self.method = get_method(cfg.method)
-        base, self.tokenizer = load_training_base(cfg, self.accelerator, self.method)
+        # The data before the model: a bad record, or a launch the data cannot feed, is reported
+        # without waiting for the model to load.
+        self.tokenizer = load_tokenizer(cfg.model)
         self.data: DataBundle = (open_stream if cfg.data.streaming else build_data)(cfg, self.tokenizer)
         self.stream = self.batch_order()
         check_world_for_data(self.stream.per_epoch, cfg, self.processes)
+        base = load_training_base(cfg, self.accelerator, self.method)
         self.total_steps = total_steps(cfg, self.stream.per_epoch, self.processes)
         optimizer_steps = self.total_steps * self.updates_per_step()
         self.method.configure_schedule(optimizer_steps)
