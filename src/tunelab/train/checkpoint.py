@@ -375,13 +375,10 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> Train
                            "is laid out differently. Resume with the launch and train.distributed the run was "
                            "trained with (its config.yaml), or start over with --overwrite.")
     try:
+        load_full_trainable(model, tensors)
         if sharded:
-            load_full_trainable(model, tensors)
             load_full_optimizer(model, optimizer, state["optimizer"])
         else:
-            with torch.no_grad():
-                for name, tensor in tensors.items():
-                    params[name].copy_(tensor)
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as err:

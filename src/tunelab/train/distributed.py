@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from tunelab.errors import ConfigError
+from tunelab.methods.base import trainable_state
 from tunelab.models.blocks import decoder_blocks
 
 if TYPE_CHECKING:
@@ -263,12 +264,13 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable parameter by name, whole (gathered from the shards: every rank must call it)."""
-    return {name: _full(p.detach()).cpu() for name, p in model.named_parameters() if p.requires_grad}
+    """:func:`~tunelab.methods.base.trainable_state` with whole tensors in CPU memory (gathered
+    from the shards under FSDP2: every rank must call it)."""
+    return {name: _full(tensor).cpu() for name, tensor in trainable_state(model).items()}
 
 
 def load_full_trainable(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy whole tensors into ``model``'s parameters, each rank keeping its shard."""
+    """Copy whole tensors into ``model``'s parameters; under FSDP2 each rank keeps its shard."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     params = dict(model.named_parameters())

@@ -137,7 +137,7 @@ class Trainer(RunTrainer):
     def step(self) -> StepOutput:
         """``train.grad_accum`` micro-batches, one optimizer step."""
         groups = [self.next_batch() for _ in range(self.cfg.train.grad_accum)]
-        lengths = example_lengths(self.data.train)
+        lengths = self.stream.lengths  # the batch order's, read once (a view's column, or measured)
         tokens = sum(int(lengths[i]) for group in groups for i in group)
         row = self._step_fitting_memory(groups)
         return StepOutput(tokens, {"epoch": self.epoch_progress, **row,

@@ -84,6 +84,11 @@ class StreamBatches:
         self._read = 0
         self._held: deque[list[int]] = deque()
 
+    @property
+    def lengths(self) -> dict[int, int]:
+        """Length of each held example, by number (as :attr:`MicroBatches.lengths` by index)."""
+        return self.examples.lengths
+
     def state_dict(self) -> dict[str, Any]:
         """The stream's position after the last micro-batch handed out (JSON)."""
         return self.stream.state_dict()
