@@ -29,7 +29,6 @@ rewards use.
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, NamedTuple
@@ -42,6 +41,7 @@ from tunelab.data.records import IGNORE_INDEX, PromptExample
 from tunelab.errors import ConfigError
 from tunelab.inference import LoadedRun, stop_token_ids
 from tunelab.train.grpo_math import StepScope, equal_reward_groups, group_advantages, policy_loss
+from tunelab.train.distributed import world_size
 from tunelab.train.lifecycle import RolloutTrainer, StepOutput
 from tunelab.train.ppo import response_outputs
 from tunelab.train.reference import ReferenceModel
@@ -88,7 +88,7 @@ def check_grpo_config(cfg: RunConfig) -> None:
         raise ConfigError(f"stage grpo takes one optimizer step per update over all completions of a step; "
                           f"train.grad_accum={cfg.train.grad_accum} has no meaning there. Set train.grad_accum=1 "
                           "(train.batch_size sets the rows of each accumulated micro-batch).")
-    rollout_backend(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun's; the config check precedes the launch
+    rollout_backend(cfg, world_size())  # the launcher's count: this check runs before the process group exists
 
 
 @dataclass

@@ -29,7 +29,7 @@ from tunelab.config import RunConfig
 from tunelab.data.records import PromptExample
 from tunelab.errors import ConfigError
 from tunelab.methods.base import Method
-from tunelab.models.loader import materialize, resolve_source
+from tunelab.models.loader import model_directory
 from tunelab.models.vllm_support import require_vllm, vllm_lora_rank, vllm_usable
 from tunelab.train.rollout import Rollout, rollout_from_samples
 
@@ -67,8 +67,7 @@ class VllmSampler:
     def __init__(self, cfg: RunConfig, method: Method):
         from vllm import LLM
 
-        source = resolve_source(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.revision)
-        self.llm = LLM(model=str(materialize(source)), dtype=cfg.model.dtype, enable_lora=True, max_loras=1,
+        self.llm = LLM(model=str(model_directory(cfg.model)), dtype=cfg.model.dtype, enable_lora=True, max_loras=1,
                        max_lora_rank=vllm_lora_rank(cfg.method.r, _FALLBACK), seed=cfg.train.seed,
                        gpu_memory_utilization=cfg.grpo.vllm_gpu_memory_utilization,
                        trust_remote_code=cfg.model.trust_remote_code)
