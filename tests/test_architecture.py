@@ -20,7 +20,7 @@ PACKAGE_ROOT = Path(tunelab.__file__).parent
 
 #: Layer of each module, by longest matching prefix; an import may only point to the same or a lower layer.
 LAYERS: dict[str, int] = {
-    "tunelab.errors": 0, "tunelab.io": 0, "tunelab.memory": 0, "tunelab.progress": 0,
+    "tunelab.errors": 0, "tunelab.io": 0, "tunelab.memory": 0, "tunelab.heap": 0, "tunelab.progress": 0,
     "tunelab.config": 1, "tunelab.generation_options": 1, "tunelab.method_defaults": 1,
     "tunelab.runs": 2, "tunelab.trackers": 2,
     "tunelab.data": 3,

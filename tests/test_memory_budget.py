@@ -105,11 +105,14 @@ def test_the_run_logs_its_choice_and_predicted_against_measured_peak(run_tree, m
     from tunelab.train.loop import Trainer
 
     monkeypatch.setattr("tunelab.estimate.core.framework_bytes", lambda: 0)
+    heaps: list[bool] = []  # the real one would change malloc settings for the rest of this test process
+    monkeypatch.setattr("tunelab.train.lifecycle.compact_heap", lambda: heaps.append(True) or True)
     resolved, choice = fit_memory_budget(config(run_tree, "train.memory_budget=20GiB"))
     trainer = Trainer(resolved, progress=False, budget=choice)
     result = trainer.run()
     log = (result.run_dir / "train.log").read_text(encoding="utf-8")
     assert "memory budget 20GiB = 20.00 GiB: gradient checkpointing off" in log
+    assert heaps == [True] and "compact heap: freed blocks of 1 MiB or more go back to the system" in log
     assert f"predicted {result.budget.predicted_peak_bytes / 2**30:.2f} GiB" in log
     assert "within the budget of 20.00 GiB" in log
 

@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from tunelab.errors import ConfigError  # noqa: E402
 from tunelab.inference import load_run  # noqa: E402
 from tunelab.serve import app as serve_app  # noqa: E402
-from tunelab.serve import heap  # noqa: E402
+from tunelab import heap  # noqa: E402
 from tunelab.serve.app import create_app  # noqa: E402
 from tunelab.serve.engine import Engine, ServedModel  # noqa: E402
 from tunelab.serve.hf_backend import TransformersBackend  # noqa: E402

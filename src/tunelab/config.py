@@ -263,6 +263,12 @@ class TrainConfig(Section):
                           "available at start): before the model loads, the memory estimator picks gradient "
                           "checkpointing, loss_chunk_size and a micro-batch split (batch_size down, grad_accum up, "
                           "global batch unchanged) that fit, fastest first. null = use the settings as given.")
+    compact_heap: Union[bool, Literal["auto"]] = Field(
+        "auto", description="CPU (glibc): return every freed block of 1 MiB or more to the system, so resident "
+                            "memory follows the live tensors instead of growing with the C heap's leftovers; "
+                            "each new activation then faults its pages in again (slower steps: 0.65x tokens/s "
+                            "at length 512, micro-batch 8). auto = on with train.memory_budget or with "
+                            "data.max_length above 8192 tokens.")
     distributed: Literal["auto", "ddp", "fsdp", "deepspeed"] = Field(
         "auto", description="How several processes (torchrun, accelerate launch, --nproc-per-node) train one model: "
                             "ddp (replicas), fsdp (FSDP2: parameters, gradients and optimizer state sharded), "

@@ -59,10 +59,12 @@ Terms (peak = the largest of the phase totals below):
 - ``allocator`` (CPU): glibc keeps freed activation blocks in its heap for reuse, so
   resident memory exceeds the live tensors of a step by a calibrated fraction
   ``k_alloc - 1`` of its saved activations (the many tensors of changing sizes; the
-  LM-head chunks have one size and reuse their blocks). The trainer
+  LM-head chunks have one size and reuse their blocks). By default the trainer
   leaves glibc's default (dynamic) mmap threshold in place: fixing it low returned every
   large block to the OS but made each new tensor fault its pages in again: 245 against 383
-  tokens/s on the speed job (``benchmarks/speed.py`` variant ``tunelab_mmap128k``). On CUDA
+  tokens/s on the speed job (``benchmarks/speed.py`` variant ``tunelab_mmap128k``). With
+  ``train.compact_heap`` (on under a memory budget) resident memory follows the live
+  tensors, and this term leaves the estimate on the safe side. On CUDA
   the estimate is
   ``torch.cuda.max_memory_allocated`` (live tensors); the CUDA context (~0.5 GiB) is
   outside it.

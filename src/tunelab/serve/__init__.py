@@ -4,8 +4,9 @@ Modules: :mod:`catalog` (which model ids, decided from the run directories),
 :mod:`engine` (the queue and the single worker thread that schedules it), :mod:`batching`
 and :mod:`sampling` (continuous batching over a KV cache), :mod:`hf_backend` and
 :mod:`vllm_backend` (what generates), :mod:`limits` (request size, answer length, API-key
-warnings), :mod:`heap` (the process's C heap), :mod:`schemas` and :mod:`app` (the HTTP
-layer), :mod:`local` (the server as a child process, for benchmarks and checks).
+warnings), :mod:`schemas` and :mod:`app` (the HTTP layer), :mod:`local` (the server as a
+child process, for benchmarks and checks). The process's C heap is set up by
+:mod:`tunelab.heap`.
 """
 
 from __future__ import annotations

@@ -378,9 +378,9 @@ def serve_main(runs: list[str], host: str, port: int, api_key: str | None, backe
     """
     import uvicorn
 
-    from tunelab.serve.heap import configure_heap
+    from tunelab.heap import configure_heap
 
-    configure_heap()  # before the model is loaded and the threads start (see tunelab.serve.heap)
+    configure_heap()  # before the model is loaded and the threads start (see tunelab.heap)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     api_key = api_key or os.environ.get("TUNELAB_API_KEY") or None

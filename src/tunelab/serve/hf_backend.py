@@ -27,7 +27,7 @@ from tunelab.models.loader import load_base, pick_device
 from tunelab.serve.batching import DecodeBatch, steppable
 from tunelab.serve.catalog import ServePlan, ServedRun
 from tunelab.serve.engine import ServedModel
-from tunelab.serve.heap import release_freed_memory
+from tunelab.heap import release_freed_memory
 
 #: Prefix of PEFT adapter names. Names have a fixed width so that none is a substring of
 #: another, and are checked against the base's module paths, which must not contain them

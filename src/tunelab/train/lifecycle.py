@@ -44,6 +44,7 @@ from tunelab.config import RunConfig
 from tunelab.data.pipeline import DataBundle, build_data, example_lengths
 from tunelab.data.streaming import open_stream
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.heap import TRAINING_MMAP_THRESHOLD, compact_heap
 from tunelab.memory import peak_memory_bytes
 from tunelab.methods.base import Method, count_parameters, get_method
 from tunelab.models.loader import load_base, load_tokenizer, training_dtype
@@ -57,7 +58,7 @@ from tunelab.train.monitor import Monitor
 from tunelab.train.optim import build_optimizer, build_scheduler
 from tunelab.train.distributed import (agree, check_distributed, check_world_for_data, deepspeed_plugin,
                                        gather_for_save, is_sharded, wrap_model)
-from tunelab.train.runtime import make_accelerator
+from tunelab.train.runtime import compact_heap_wanted, make_accelerator
 from tunelab.train.stages import get_stage
 from tunelab.train.stream_batches import StreamBatches, check_streaming
 
@@ -382,12 +383,27 @@ class RunTrainer:
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
         self.rank, self.processes = self.accelerator.process_index, self.accelerator.num_processes
+        heap_note = self._compact_heap()
         self.accelerator.wait_for_everyone()  # every process has checked before the main one writes
         if self.is_main:
-            for note in [*prepare_run_dir(self.run_dir, cfg, self.plan), *(self.budget.lines() if self.budget else [])]:
+            for note in [*prepare_run_dir(self.run_dir, cfg, self.plan), *(self.budget.lines() if self.budget else []),
+                         *heap_note]:
                 self.say(note)
         with self._recording_failure():
             self._setup()
+
+    def _compact_heap(self) -> list[str]:
+        """Apply ``train.compact_heap`` before anything large is allocated (it stays for the rest of
+        the process: glibc has one setting per process); the note to log, if any."""
+        train = self.cfg.train
+        if self.device.type != "cpu" or not compact_heap_wanted(train.compact_heap, train.memory_budget,
+                                                                self.cfg.data.max_length):
+            return []
+        if not compact_heap():
+            return ["compact heap: not available (the C library is not glibc); resident memory may exceed "
+                    "the live tensors"]
+        return [f"compact heap: freed blocks of {TRAINING_MMAP_THRESHOLD // 2**20} MiB or more go back to the "
+                "system (train.compact_heap; steps are slower, memory follows the live tensors)"]
 
     def _setup(self) -> None:
         cfg = self.cfg

@@ -179,12 +179,14 @@ class Trainer(RunTrainer):
     def announce(self) -> list[str]:
         stats = self.data.stats
         share = 100.0 * self.trainable_params / max(self.total_params, 1)
+        # A stream is tokenized as it is read: at the start nothing has been counted yet.
+        counts = ("" if self.cfg.data.streaming else
+                  f"{stats.get('truncated', 0)} truncated, {stats.get('dropped', 0)} dropped, "
+                  f"{stats.get('skipped', 0)} skipped; ")
         return [f"method {self.method.name}: {self.trainable_params:,} trainable of {self.total_params:,} "
                 f"parameters ({share:.3f}%)",
                 f"data: {'streamed' if self.cfg.data.streaming else len(self.data.train)} train / "
-                f"{len(self.data.eval)} eval examples; "
-                f"{stats.get('truncated', 0)} truncated, {stats.get('dropped', 0)} dropped, "
-                f"{stats.get('skipped', 0)} skipped; {self.total_steps} steps"]
+                f"{len(self.data.eval)} eval examples; {counts}{self.total_steps} steps"]
 
     def save_outputs(self, model: nn.Module) -> None:
         self.objective.save(model, self.run_dir.root)

@@ -75,3 +75,17 @@ def packing_enabled(setting: bool | str, attn_implementation: str, supports_pack
     if setting == "auto":
         return attn_implementation.startswith("flash_attention")
     return bool(setting)
+
+
+#: ``train.compact_heap: auto`` turns the compact heap on for sequences longer than this: past
+#: it glibc's leftovers grew faster than the activations (benchmarks/long_context.py), while
+#: the page faults the compact heap costs shrink next to attention's work.
+LONG_SEQUENCE_TOKENS = 8192
+
+
+def compact_heap_wanted(setting: bool | str, memory_budget: str | None, max_length: int) -> bool:
+    """``train.compact_heap`` resolved (see :mod:`tunelab.heap`): ``auto`` compacts when the run
+    has a memory budget to keep, whose estimate counts live tensors only, or long sequences."""
+    if setting != "auto":
+        return bool(setting)
+    return memory_budget is not None or max_length > LONG_SEQUENCE_TOKENS
