@@ -156,7 +156,7 @@ def markdown(table: list[dict[str, Any]], holdout: list[dict[str, Any]], calibra
              f"SmolLM2-135M-Instruct, {MEASURE_STEPS} optimizer steps per run unless named, "
              "benchmarks/data/alpaca_bench.json, "
              "CPU (peak RSS of the training process via os.wait4), bf16 autocast.",
-             "Measured with `HF_HUB_OFFLINE=1 python benchmarks/estimator_grid.py` (every point, ~6 min on 2 "
+             "Measured with `HF_HUB_OFFLINE=1 python benchmarks/estimator_grid.py` (every point, 6-14 min on 2 "
              "quiet cores, over an hour at load 10-15); the calibration was fitted on the first table only "
              "(`--reuse --fit`). (*): measured by an earlier invocation of this script and not again since "
              "(estimator_grid.json has each point's `measured_at` and load average). "

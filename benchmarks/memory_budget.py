@@ -6,15 +6,18 @@ budget is resolved in this process exactly as ``tunelab train`` resolves it
 (:func:`tunelab.estimate.budget.fit_memory_budget`: the settings it picks and their predicted
 peak), then the run trains ``--steps`` optimizer steps in a child process (``python -m
 tunelab.cli train``, which resolves the budget again, before loading the model) whose peak
-RSS comes from ``os.wait4``. The child's train.log must name the same settings.
+RSS comes from ``os.wait4``. The child's train.log must name the same settings. A budgeted
+run gets the compact C heap (``train.compact_heap: auto``, :mod:`tunelab.heap`), so its
+resident memory follows the live tensors the estimate counts.
 
-Table: budget, chosen settings, predicted peak, measured peak, and whether the measured
-peak is under the budget; to benchmarks/results/memory_budget.{md,json}.
+Table: budget, chosen settings, predicted peak, measured peak, whether the measured peak is
+under the budget, and the tokens/s of the steps after the first; to
+benchmarks/results/memory_budget.{md,json}.
 
 Usage (from the repository root)::
 
     . .venv/bin/activate
-    HF_HUB_OFFLINE=1 python benchmarks/memory_budget.py [--dry-run] [--steps 3]
+    HF_HUB_OFFLINE=1 python benchmarks/memory_budget.py [--dry-run] [--steps 6]
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -29,14 +33,16 @@ from typing import Any
 
 from tunelab.config import load_config
 from tunelab.estimate.measure import measurement_overrides, run_child
-from tunelab.io import write_json, write_text
 from tunelab.estimate.budget import fit_memory_budget
+from tunelab.io import write_json, write_text
+from tunelab.runs import RunDir
 
 from speed import RESULTS, write_job_config  # benchmarks/ is on sys.path when this runs as a script
 
 #: (method, max_length, micro-batch size, budget)
 GRID: list[tuple[str, int, int, str]] = [
-    ("lora", 512, 8, "2.5GiB"), ("lora", 512, 8, "1.5GiB"), ("lora", 256, 4, "1.3GiB"),
+    ("lora", 512, 8, "2.5GiB"), ("lora", 512, 8, "1.5GiB"), ("lora", 256, 4, "1.4GiB"),
+    ("lora", 1024, 4, "1.6GiB"), ("dora", 512, 4, "2GiB"), ("ia3", 512, 8, "1.5GiB"),
     ("full", 512, 4, "3.5GiB"), ("prefix", 512, 4, "1.8GiB"), ("qlora", 512, 4, "2.5GiB"),
 ]
 
@@ -63,32 +69,38 @@ def run_point(base: Path, point: tuple[str, int, int, str], steps: int, scratch:
                *measurement_overrides(steps, str(run_dir)), "--quiet", "--overwrite"]
     code, peak, wall = run_child(command, scratch / "train.log")
     log = (run_dir / "train.log").read_text(encoding="utf-8") if (run_dir / "train.log").is_file() else ""
+    later_steps = [r["tokens_per_s"] for r in RunDir(run_dir).read_metrics() if "loss" in r][1:]
     row.update(exit_code=code, measured_peak_bytes=peak, wall_s=round(wall, 1), loadavg=os.getloadavg()[0],
-               same_choice_in_run=row["choice"] in log, under_budget=code == 0 and peak <= choice.budget_bytes)
+               same_choice_in_run=row["choice"] in log, under_budget=code == 0 and peak <= choice.budget_bytes,
+               tokens_per_s=statistics.median(later_steps) if later_steps else None)
     return row
 
 
-def markdown(rows: list[dict[str, Any]], command: str) -> str:
+def markdown(rows: list[dict[str, Any]], command: str, steps: int) -> str:
     lines = ["# train.memory_budget: predicted vs measured vs budget", "",
              f"Measured with `{command}`: the speed job (SmolLM2-135M-Instruct, alpaca-style data, packed, bf16 "
-             "autocast on CPU), 3 optimizer steps per run; peak RSS of the training process (os.wait4). "
-             "Load average (1 min) after each run on a shared 2-core machine.", "",
-             "| method | max len | batch | budget | chosen settings | predicted | measured | under budget | load |",
-             "|---|---:|---:|---|---|---:|---:|---|---:|"]
+             f"autocast on CPU, compact C heap), {steps} optimizer steps per run; peak RSS of the training process "
+             "(os.wait4); tokens/s: median of the steps after the first. Load average (1 min) after each run on "
+             "a shared 2-core machine.", "",
+             "| method | max len | batch | budget | chosen settings | predicted | measured | under budget "
+             "| tokens/s | load |",
+             "|---|---:|---:|---|---|---:|---:|---|---:|---:|"]
     for r in rows:
         settings = r["choice"].split(": ", 1)[1].split("; predicted")[0]
         measured = f"{r['measured_peak_bytes'] / 2**30:.2f} GiB" if r.get("measured_peak_bytes") else "-"
         under = {True: "yes", False: "NO"}.get(r.get("under_budget"), "-")
         load = f"{r['loadavg']:.1f}" if "loadavg" in r else "-"
+        speed = f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "-"
         lines.append(f"| {r['method']} | {r['max_length']} | {r['batch_size']} | {r['budget']} "
                      f"({r['budget_bytes'] / 2**30:.2f} GiB) | {settings} | "
-                     f"{r['predicted_peak_bytes'] / 2**30:.2f} GiB | {measured} | {under} | {load} |")
+                     f"{r['predicted_peak_bytes'] / 2**30:.2f} GiB | {measured} | {under} | {speed} | {load} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6, help="enough for the optimizer's states and the "
+                        "C heap's later growth (the dynamic heap jumped at step 3)")
     parser.add_argument("--dry-run", action="store_true", help="resolve the budgets only; train nothing")
     args = parser.parse_args(argv)
     command = " ".join(["python benchmarks/memory_budget.py", *argv])
@@ -101,8 +113,8 @@ def main(argv: list[str]) -> None:
             print(json.dumps(row), flush=True)
             if not args.dry_run:
                 write_json(RESULTS / "memory_budget.json", {"command": command, "rows": rows})
-                write_text(RESULTS / "memory_budget.md", markdown(rows, command))
-    print(markdown(rows, command))
+                write_text(RESULTS / "memory_budget.md", markdown(rows, command, args.steps))
+    print(markdown(rows, command, args.steps))
 
 
 if __name__ == "__main__":

@@ -84,7 +84,9 @@ VARIANTS = ("tunelab", "hf", "tunelab_fp32_unpacked", "tunelab_packed", "tunelab
             "tunelab_fp32_base", "tunelab_chunk1024", "tunelab_unrounded", "tunelab_mmap128k",
             "tunelab_eager_attn", "tunelab_1thread", "tunelab_compile", "tunelab_compile_checkpointing")
 #: Issue 18's acceptance: real tokens/s in the loop, peak RSS, final loss against the fp32 unpacked run.
-TARGETS = {"tokens_per_s": 800.0, "peak_rss_bytes": 2.1e9, "loss_rel_diff": 0.01}
+#: Issue 18: 800 tokens/s was 20% MFU on the machine it was set on (bf16 peak ~2.1 TFLOP/s);
+#: where the measured peak is lower, the MFU target is the one that carries over.
+TARGETS = {"tokens_per_s": 800.0, "mfu": 0.20, "peak_rss_bytes": 2.1e9, "loss_rel_diff": 0.01}
 REFERENCE = "tunelab_fp32_unpacked"
 
 #: The benchmark job as a tunelab run config.
@@ -275,13 +277,20 @@ def markdown(summary: dict[str, Any], command: str) -> str:
                      f"{100 * r['mfu']:.1f}% | {r['final_loss']:.4f} | {r['mean_loss']:.4f} | {diff} | {r['steps']} | "
                      f"{r['train_s']:.0f} | {r['loadavg'][0]:.1f} / {r['loadavg'][1]:.1f} |")
     lines.append("")
+    lora = summary["variants"].get("tunelab")
+    if lora is not None:
+        ceiling = summary["bf16_peak_flops"] / flops_per_token(lora["matmul_params"], lora["trainable_params"])
+        lines += [f"Ceiling on this machine: at 100% MFU the LoRA job would run at {ceiling:.0f} real tokens/s "
+                  "(bf16 peak / model FLOPs per token).", ""]
     for variant, ours in summary["variants"].items():
         if variant.startswith("tunelab") and variant != REFERENCE:
             met = ["met" if ours["tokens_per_s"] >= TARGETS["tokens_per_s"] else "NOT met",
+                   "met" if ours["mfu"] >= TARGETS["mfu"] else "NOT met",
                    "met" if ours["peak_rss_bytes"] <= TARGETS["peak_rss_bytes"] else "NOT met",
                    "not measured (no reference in this run)" if "loss_rel_diff" not in ours else
                    "met" if ours["loss_rel_diff"]["final_loss"] <= TARGETS["loss_rel_diff"] else "NOT met"]
-            lines.append(f"Targets for {variant}: >= {TARGETS['tokens_per_s']:.0f} tokens/s, peak RSS <= "
+            lines.append(f"Targets for {variant}: >= {TARGETS['tokens_per_s']:.0f} tokens/s, MFU >= "
+                         f"{100 * TARGETS['mfu']:.0f}%, peak RSS <= "
                          f"{TARGETS['peak_rss_bytes'] / 1e9:.1f} GB, final loss within "
                          f"{100 * TARGETS['loss_rel_diff']:.0f}% of {REFERENCE}: {', '.join(met)}.  ")
     return "\n".join(lines) + "\n"
