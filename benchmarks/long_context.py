@@ -5,7 +5,9 @@ continued pre-training (stage pt) on blocks of exactly L tokens cut from one lon
 (the benchmark's alpaca answers joined), one block per micro-batch, ``--steps`` optimizer
 steps, with gradient checkpointing, the chunked LM-head loss (256 rows) and SDPA (one
 unpadded row: causal attention without a mask, torch's flash kernel on CPU, memory linear
-in L). Beyond SmolLM2's 8,192 trained positions the RoPE is stretched with
+in L) and the compact C heap at every length (``train.compact_heap: true``; ``auto`` turns
+it on past 8,192 tokens): glibc's own heap kept freed activations and grew 2.14 -> 5.48 GiB
+from 8k to 16k tokens. Beyond SmolLM2's 8,192 trained positions the RoPE is stretched with
 ``model.rope_scaling: {type: linear, factor: L / 8192}``.
 
 Each length runs ``python -m tunelab.cli train`` in a child process; its peak RSS comes from
@@ -38,6 +40,7 @@ from tunelab.estimate import estimate, parse_target
 from tunelab.estimate.measure import run_child
 from tunelab.io import write_json, write_text
 from tunelab.memory import proc_kib_field_bytes
+from tunelab.models.loader import load_tokenizer
 from tunelab.runs import RunDir
 
 from speed import DATA, RESULTS  # benchmarks/ is on sys.path when this runs as a script
@@ -53,28 +56,51 @@ def job(length: int, steps: int, data: Path, output_dir: Path) -> dict[str, Any]
         "stage": "pt",
         "data": {"train": [str(data)], "max_length": length, "packing": False},
         "train": {"max_steps": steps, "batch_size": 1, "lr": 2e-4, "seed": 42, "log_every": 1,
-                  "gradient_checkpointing": True, "loss_chunk_size": 256},
+                  "gradient_checkpointing": True, "loss_chunk_size": 256, "compact_heap": True},
         "output_dir": str(output_dir)}
     if length > TRAINED_POSITIONS:
         tree["model"]["rope_scaling"] = {"type": "linear", "factor": length / TRAINED_POSITIONS}
     return tree
 
 
-def write_document(path: Path, tokens_needed: int) -> None:
-    """One long document of roughly ``tokens_needed`` tokens or more (about 4 characters per token)."""
+def write_document(path: Path, tokens: int, tokenizer: Any) -> None:
+    """One document (the benchmark's alpaca answers, repeated) of exactly ``tokens - 1`` tokens:
+    with the eos the pt stage appends, it cuts into blocks of exactly the length, so every
+    step trains a whole sequence, never a short remainder."""
     answers = [record["output"] for record in json.loads(DATA.read_text(encoding="utf-8"))]
-    corpus = "\n\n".join(answers)
-    text = (corpus + "\n\n") * (tokens_needed * 5 // len(corpus) + 1)
-    path.write_text(json.dumps({"text": text}) + "\n", encoding="utf-8")
+    corpus = "\n\n".join(answers) + "\n\n"
+    text = corpus * (tokens * 6 // len(corpus) + 1)  # more than enough: under 6 characters a token
+
+    def count(chars: int) -> int:
+        return len(tokenizer(text[:chars], add_special_tokens=False)["input_ids"])
+
+    low, high = 0, len(text)  # the longest prefix of at most tokens - 1 tokens
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if count(middle) <= tokens - 1 else (low, middle - 1)
+    if count(low) != tokens - 1:
+        raise SystemExit(f"no prefix of the document has exactly {tokens - 1} tokens (closest: {count(low)})")
+    path.write_text(json.dumps({"text": text[:low]}) + "\n", encoding="utf-8")
+
+
+def whole_sequences(cfg: Any, length: int, steps: int) -> None:
+    """Stop unless the run's data is ``steps`` examples of exactly ``length`` tokens."""
+    from tunelab.data.pipeline import build_data, example_lengths
+
+    lengths = [int(n) for n in example_lengths(build_data(cfg, load_tokenizer(cfg.model)).train)]
+    if lengths != [length] * steps:
+        raise SystemExit(f"the {length}-token job's examples have {lengths} tokens, not {steps} x {length}")
 
 
 def measure(length: int, steps: int, scratch: Path, headroom: float) -> dict[str, Any]:
     config = scratch / f"len{length}.yaml"
     run_dir = scratch / f"run{length}"
     data = scratch / f"doc{length}.jsonl"
-    write_document(data, length * (steps + 1))
     config.write_text(yaml.safe_dump(job(length, steps, data, run_dir)), encoding="utf-8")
-    predicted = estimate(load_config(config), parse_target("cpu")).peak_bytes
+    cfg = load_config(config)
+    write_document(data, length * steps, load_tokenizer(cfg.model))
+    whole_sequences(cfg, length, steps)
+    predicted = estimate(cfg, parse_target("cpu")).peak_bytes
     available = proc_kib_field_bytes("/proc/meminfo", "MemAvailable") or 0
     row: dict[str, Any] = {"length": length, "predicted_peak_bytes": predicted, "available_bytes": available,
                            "loadavg_before": os.getloadavg()[0]}
@@ -96,7 +122,7 @@ def measure(length: int, steps: int, scratch: Path, headroom: float) -> dict[str
 def markdown(rows: list[dict[str, Any]], command: str) -> str:
     lines = ["# Long context: SmolLM2-135M LoRA, one sequence per step", "",
              f"Measured with `{command}`; LoRA r8 all-linear, stage pt, batch 1, gradient checkpointing, "
-             "loss chunks of 256, SDPA, bf16 autocast on CPU; linear RoPE scaling beyond 8,192 positions. "
+             "loss chunks of 256, SDPA, bf16 autocast on CPU, compact C heap; linear RoPE scaling beyond 8,192 positions. "
              "Peak RSS of the training process (os.wait4); tokens/s of the last step. Load average (1 min) "
              "before/after each length on a shared 2-core machine.", "",
              "| tokens/sequence | predicted peak | measured peak | per 1k tokens over 2k | tokens/s | load |",
