@@ -10,9 +10,10 @@ no estimate can promise.
 Measured (SmolLM2-135M LoRA, length 512, micro-batch 8, checkpointing, 6 steps; the
 estimator predicts 1.31 GiB of live tensors): glibc's dynamic threshold peaked at
 2.23 GiB, a fixed 4 MiB one at 1.59 GiB, a fixed 1 MiB one at 1.26 GiB, at 0.65x the
-tokens/s (every new block faults its pages in again). At 16k tokens per sequence
-(8 of SmolLM2's layers) the dynamic heap grew 1.17 -> 1.63 -> 2.36 GiB from 4k to 8k to
-16k tokens, the fixed 4 MiB one 0.86 -> 1.02 -> 1.26 GiB, linear, for 9% more time.
+tokens/s (every new block faults its pages in again). With 8 of SmolLM2's layers and one
+long sequence per step, the dynamic heap grew 1.17 -> 1.63 -> 2.36 GiB from 4k to 8k to 16k
+tokens, the fixed 4 MiB one 0.86 -> 1.02 -> 1.26 GiB, linear, for 9% more time at 16k; the
+whole model with the compact heap grows linearly to 32k tokens (benchmarks/long_context.py).
 
 Soaked with 192 requests (benchmarks/serve_soak.py, SmolLM2), a server that trimmed its
 heaps when idle ended 127 MB above its size after warm-up, 302 MB when also limited to two
