@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 
 from tunelab.config import load_config
+from tunelab.data.pipeline import DataBundle, build_data, example_lengths
 from tunelab.estimate import estimate, parse_target
 from tunelab.estimate.measure import run_child
 from tunelab.io import write_json, write_text
@@ -83,11 +84,9 @@ def write_document(path: Path, tokens: int, tokenizer: Any) -> None:
     path.write_text(json.dumps({"text": text[:low]}) + "\n", encoding="utf-8")
 
 
-def whole_sequences(cfg: Any, length: int, steps: int) -> None:
+def whole_sequences(data: DataBundle, length: int, steps: int) -> None:
     """Stop unless the run's data is ``steps`` examples of exactly ``length`` tokens."""
-    from tunelab.data.pipeline import build_data, example_lengths
-
-    lengths = [int(n) for n in example_lengths(build_data(cfg, load_tokenizer(cfg.model)).train)]
+    lengths = [int(n) for n in example_lengths(data.train)]
     if lengths != [length] * steps:
         raise SystemExit(f"the {length}-token job's examples have {lengths} tokens, not {steps} x {length}")
 
@@ -98,9 +97,11 @@ def measure(length: int, steps: int, scratch: Path, headroom: float) -> dict[str
     data = scratch / f"doc{length}.jsonl"
     config.write_text(yaml.safe_dump(job(length, steps, data, run_dir)), encoding="utf-8")
     cfg = load_config(config)
-    write_document(data, length * steps, load_tokenizer(cfg.model))
-    whole_sequences(cfg, length, steps)
-    predicted = estimate(cfg, parse_target("cpu")).peak_bytes
+    tokenizer = load_tokenizer(cfg.model)
+    write_document(data, length * steps, tokenizer)
+    tokenized = build_data(cfg, tokenizer)  # once: checked here, then estimated
+    whole_sequences(tokenized, length, steps)
+    predicted = estimate(cfg, parse_target("cpu"), data=tokenized).peak_bytes
     available = proc_kib_field_bytes("/proc/meminfo", "MemAvailable") or 0
     row: dict[str, Any] = {"length": length, "predicted_peak_bytes": predicted, "available_bytes": available,
                            "loadavg_before": os.getloadavg()[0]}
