@@ -45,6 +45,18 @@ def test_wrong_type_names_key_and_expected_type():
         build_config({}, ["train.scheduler=exponential"])
 
 
+def test_a_bad_value_for_a_union_names_the_key_once_with_each_members_reason():
+    """bool-or-auto keys: pydantic reports each union member at ``key.<member>``; the user sees the key."""
+    with pytest.raises(ConfigError) as raised:
+        build_config({}, ["data.packing=maybe", "train.lr=-1", "data.train=[1]"])
+    text = str(raised.value)
+    assert ("key 'data.packing' = 'maybe' is invalid: Input should be a valid boolean, unable to interpret input; "
+            "or Input should be 'auto' (expected bool or auto).") in text
+    assert "key 'train.lr' = -1 is invalid: Input should be greater than 0; or Input should be 'auto'" in text
+    assert "key 'data.train.0' = 1 is invalid: Input should be a valid string" in text  # list positions stay
+    assert text.count("data.packing") == 1 and "literal[" not in text and ".bool'" not in text
+
+
 def test_override_without_equals_is_explained():
     with pytest.raises(ConfigError, match="has no '='"):
         build_config({}, ["train.lr"])

@@ -602,16 +602,26 @@ def describe_keys(method_type: str | None = None, stage: str | None = None) -> l
 
 # ---------------------------------------------------------------------------- errors
 
-def _describe_type(loc: tuple[str, ...], method_cls: type[MethodConfig]) -> str:
-    """Human-readable expected type of the field at ``loc``."""
+def _field_at(loc: tuple[str | int, ...], method_cls: type[MethodConfig]) -> tuple[str, Any]:
+    """The key a validation error is about and its field (None where ``loc`` names no field).
+
+    Pydantic appends the member it tried to a union's location (``data.packing.bool``,
+    ``data.packing.literal['auto']``): words after a field that is not a section are such
+    tags and are left out; list positions are kept (``data.train.0``)."""
     section: Any = RunConfig
-    field = None
+    field, parts = None, []
     for part in loc:
+        if isinstance(part, int):
+            parts.append(str(part))
+            continue
         if not _section_class(section) or part not in section.model_fields:
-            break
+            if field is None or _section_class(section):
+                parts.append(part)  # not a field: say the key as written
+            continue
         field = section.model_fields[part]
+        parts.append(part)
         section = method_cls if section is RunConfig and part == "method" else field.annotation
-    return "a valid value" if field is None else type_text(field.annotation)
+    return ".".join(parts), field
 
 
 def _suggest_key(key: str, siblings: list[str]) -> str:
@@ -649,17 +659,21 @@ def _unknown_key(loc: tuple[str, ...], method_type: str) -> str:
 
 def _format_validation_error(err: ValidationError, source: str, tree: Mapping[str, Any]) -> ConfigError:
     method_type = _method_type_of(tree)
-    problems = []
+    method_cls = method_config_classes().get(method_type, MethodConfig)
+    problems: list[str] = []
+    invalid: dict[str, list[dict[str, Any]]] = {}  # key -> its errors (a union gives one per member)
     for item in err.errors():
-        loc = tuple(str(p) for p in item["loc"] if not isinstance(p, int))
-        key = ".".join(str(p) for p in item["loc"])
         if item["type"] == "extra_forbidden":
-            problems.append(_unknown_key(loc, method_type))
+            problems.append(_unknown_key(tuple(str(p) for p in item["loc"] if not isinstance(p, int)), method_type))
         elif item["type"] == "method_type":
             problems.append(f"key 'method.type' = {item.get('input')!r} is invalid: {item['msg']}.")
         else:
-            expected = _describe_type(loc, method_config_classes().get(method_type, MethodConfig))
-            problems.append(f"key '{key}' = {item.get('input')!r} is invalid: {item['msg']} (expected {expected}).")
+            invalid.setdefault(_field_at(item["loc"], method_cls)[0], []).append(item)
+    for key, items in invalid.items():
+        field = _field_at(items[0]["loc"], method_cls)[1]
+        expected = "a valid value" if field is None else type_text(field.annotation)
+        why = "; or ".join(dict.fromkeys(item["msg"] for item in items))  # a union: one per member
+        problems.append(f"key '{key}' = {items[0].get('input')!r} is invalid: {why} (expected {expected}).")
     return ConfigError(f"{source}: " + " ".join(problems)
                        + " Fix the YAML or the command-line override; valid keys are listed by "
                          "`tunelab config-keys`.")
