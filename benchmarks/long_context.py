@@ -20,6 +20,7 @@ Usage (from the repository root)::
 
     . .venv/bin/activate
     HF_HUB_OFFLINE=1 python benchmarks/long_context.py [--lengths 2048 8192 16384 32768] [--steps 2]
+    HF_HUB_OFFLINE=1 python benchmarks/long_context.py --repredict   # new estimates, same measurements
 """
 
 from __future__ import annotations
@@ -91,17 +92,22 @@ def whole_sequences(data: DataBundle, length: int, steps: int) -> None:
         raise SystemExit(f"the {length}-token job's examples have {lengths} tokens, not {steps} x {length}")
 
 
-def measure(length: int, steps: int, scratch: Path, headroom: float) -> dict[str, Any]:
+def predict(length: int, steps: int, scratch: Path) -> tuple[Path, int]:
+    """Write the job's config and document; return the config and the estimate of its peak."""
     config = scratch / f"len{length}.yaml"
-    run_dir = scratch / f"run{length}"
     data = scratch / f"doc{length}.jsonl"
-    config.write_text(yaml.safe_dump(job(length, steps, data, run_dir)), encoding="utf-8")
+    config.write_text(yaml.safe_dump(job(length, steps, data, scratch / f"run{length}")), encoding="utf-8")
     cfg = load_config(config)
     tokenizer = load_tokenizer(cfg.model)
     write_document(data, length * steps, tokenizer)
     tokenized = build_data(cfg, tokenizer)  # once: checked here, then estimated
     whole_sequences(tokenized, length, steps)
-    predicted = estimate(cfg, parse_target("cpu"), data=tokenized).peak_bytes
+    return config, estimate(cfg, parse_target("cpu"), data=tokenized).peak_bytes
+
+
+def measure(length: int, steps: int, scratch: Path, headroom: float) -> dict[str, Any]:
+    config, predicted = predict(length, steps, scratch)
+    run_dir = scratch / f"run{length}"
     available = proc_kib_field_bytes("/proc/meminfo", "MemAvailable") or 0
     row: dict[str, Any] = {"length": length, "predicted_peak_bytes": predicted, "available_bytes": available,
                            "loadavg_before": os.getloadavg()[0]}
@@ -144,13 +150,28 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def repredict() -> None:
+    """The stored measurements against the estimator as it is now (their own steps per length)."""
+    stored = json.loads((RESULTS / "long_context.json").read_text(encoding="utf-8"))
+    with tempfile.TemporaryDirectory(prefix="tunelab-long-") as scratch:
+        for row in stored["rows"]:
+            row["predicted_peak_bytes"] = predict(row["length"], len(row.get("losses") or [1]), Path(scratch))[1]
+    write_json(RESULTS / "long_context.json", stored)
+    write_text(RESULTS / "long_context.md", markdown(stored["rows"], stored["command"].strip()))
+    print(markdown(stored["rows"], stored["command"].strip()))
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384, 32768])
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--headroom", type=float, default=3.0, help="GiB kept free for the other users")
     parser.add_argument("--keep", action="store_true", help="keep the stored rows of other lengths")
+    parser.add_argument("--repredict", action="store_true",
+                        help="train nothing: estimate the stored rows again (after a change to the estimator)")
     args = parser.parse_args(argv)
+    if args.repredict:
+        return repredict()
     command = "python benchmarks/long_context.py " + " ".join(argv)
     stored = json.loads((RESULTS / "long_context.json").read_text(encoding="utf-8")) if args.keep else {"rows": []}
     rows: list[dict[str, Any]] = [r for r in stored["rows"] if r["length"] not in args.lengths]

@@ -8,11 +8,14 @@ peak), then the run trains ``--steps`` optimizer steps in a child process (``pyt
 tunelab.cli train``, which resolves the budget again, before loading the model) whose peak
 RSS comes from ``os.wait4``. The child's train.log must name the same settings. A budgeted
 run gets the compact C heap (``train.compact_heap: auto``, :mod:`tunelab.heap`), so its
-resident memory follows the live tensors the estimate counts.
+resident memory follows the live tensors the estimate counts. Then the setting ranked just
+faster than the choice, which the budget turned down, trains the same steps on the same heap
+with its settings given explicitly: its peak shows whether it would have fitted, its tokens/s
+whether the ranking holds.
 
-Table: budget, chosen settings, predicted peak, measured peak, whether the measured peak is
-under the budget, and the tokens/s of the steps after the first; to
-benchmarks/results/memory_budget.{md,json}.
+Tables: budget, chosen settings, predicted peak, measured peak, whether the measured peak is
+under the budget, and the tokens/s of the steps after the first; the same for each turned-down
+setting; to benchmarks/results/memory_budget.{md,json}.
 
 Usage (from the repository root)::
 
@@ -31,9 +34,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tunelab.config import load_config
+from tunelab.config import RunConfig, load_config
 from tunelab.estimate.measure import measurement_overrides, run_child
-from tunelab.estimate.budget import fit_memory_budget
+from tunelab.estimate.budget import fit_memory_budget, with_settings
 from tunelab.io import write_json, write_text
 from tunelab.runs import RunDir
 
@@ -47,9 +50,12 @@ GRID: list[tuple[str, int, int, str]] = [
 ]
 
 
+def job(method: str, length: int) -> list[str]:
+    return [f"method.type={method}", f"data.max_length={length}", "data.packing=true"]
+
+
 def overrides(method: str, length: int, batch: int, budget: str) -> list[str]:
-    return [f"method.type={method}", f"data.max_length={length}", f"train.batch_size={batch}",
-            f"train.memory_budget={budget}", "data.packing=true"]
+    return [*job(method, length), f"train.batch_size={batch}", f"train.memory_budget={budget}"]
 
 
 def run_point(base: Path, point: tuple[str, int, int, str], steps: int, scratch: Path, dry: bool
@@ -62,18 +68,46 @@ def run_point(base: Path, point: tuple[str, int, int, str], steps: int, scratch:
     row: dict[str, Any] = {"method": method, "max_length": length, "batch_size": batch, "budget": budget,
                            "budget_bytes": choice.budget_bytes, "choice": choice.lines()[0],
                            "predicted_peak_bytes": choice.predicted_peak_bytes}
+    if choice.next_faster is not None:
+        settings, predicted = choice.next_faster
+        row["next_faster"] = {"settings": settings.describe(batch, cfg.train.grad_accum),
+                              "predicted_peak_bytes": predicted}
     if dry:
         return row
-    run_dir = scratch / f"{method}-{length}-{batch}-{budget}"
+    name = f"{method}-{length}-{batch}-{budget}"
+    run = train_child(base, extra, steps, scratch / name, scratch)
+    log = run.pop("log")
+    row.update(run, same_choice_in_run=row["choice"] in log, under_budget=under(run, choice.budget_bytes))
+    if choice.next_faster is not None:
+        explicit = [*job(method, length), *setting_overrides(with_settings(cfg, choice.next_faster[0])),
+                    "train.compact_heap=true"]
+        faster = train_child(base, explicit, steps, scratch / f"{name}-next-faster", scratch)
+        faster.pop("log")
+        row["next_faster"].update(faster, under_budget=under(faster, choice.budget_bytes))
+    return row
+
+
+def under(run: dict[str, Any], budget_bytes: int) -> bool:
+    return run["exit_code"] == 0 and run["measured_peak_bytes"] <= budget_bytes
+
+
+def setting_overrides(cfg: RunConfig) -> list[str]:
+    """The memory settings of ``cfg`` as explicit overrides (a budget's choice without the budget)."""
+    t = cfg.train
+    return [f"train.gradient_checkpointing={str(t.gradient_checkpointing).lower()}",
+            f"train.loss_chunk_size={t.loss_chunk_size}", f"train.batch_size={t.batch_size}",
+            f"train.grad_accum={t.grad_accum}"]
+
+
+def train_child(base: Path, extra: list[str], steps: int, run_dir: Path, scratch: Path) -> dict[str, Any]:
+    """Train ``steps`` steps in a child process: exit code, peak RSS, tokens/s after the first step, its log."""
     command = [sys.executable, "-m", "tunelab.cli", "train", str(base), *extra,
                *measurement_overrides(steps, str(run_dir)), "--quiet", "--overwrite"]
     code, peak, wall = run_child(command, scratch / "train.log")
     log = (run_dir / "train.log").read_text(encoding="utf-8") if (run_dir / "train.log").is_file() else ""
     later_steps = [r["tokens_per_s"] for r in RunDir(run_dir).read_metrics() if "loss" in r][1:]
-    row.update(exit_code=code, measured_peak_bytes=peak, wall_s=round(wall, 1), loadavg=os.getloadavg()[0],
-               same_choice_in_run=row["choice"] in log, under_budget=code == 0 and peak <= choice.budget_bytes,
-               tokens_per_s=statistics.median(later_steps) if later_steps else None)
-    return row
+    return {"exit_code": code, "measured_peak_bytes": peak, "wall_s": round(wall, 1), "loadavg": os.getloadavg()[0],
+            "tokens_per_s": statistics.median(later_steps) if later_steps else None, "log": log}
 
 
 def markdown(rows: list[dict[str, Any]], command: str, steps: int) -> str:
@@ -87,14 +121,28 @@ def markdown(rows: list[dict[str, Any]], command: str, steps: int) -> str:
              "|---|---:|---:|---|---|---:|---:|---|---:|---:|"]
     for r in rows:
         settings = r["choice"].split(": ", 1)[1].split("; predicted")[0]
-        measured = f"{r['measured_peak_bytes'] / 2**30:.2f} GiB" if r.get("measured_peak_bytes") else "-"
-        under = {True: "yes", False: "NO"}.get(r.get("under_budget"), "-")
-        load = f"{r['loadavg']:.1f}" if "loadavg" in r else "-"
-        speed = f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "-"
         lines.append(f"| {r['method']} | {r['max_length']} | {r['batch_size']} | {r['budget']} "
-                     f"({r['budget_bytes'] / 2**30:.2f} GiB) | {settings} | "
-                     f"{r['predicted_peak_bytes'] / 2**30:.2f} GiB | {measured} | {under} | {speed} | {load} |")
+                     f"({r['budget_bytes'] / 2**30:.2f} GiB) | {settings} | {_measured(r)} |")
+    lines += ["", "The setting ranked just faster than each choice, which the budget rejected (predicted above "
+              "90% of the budget), trained anyway with the same steps and heap:", "",
+              "| method | max len | batch | budget | next faster setting | predicted | measured | under budget "
+              "| tokens/s | load |", "|---|---:|---:|---|---|---:|---:|---|---:|---:|"]
+    for r in rows:
+        faster = r.get("next_faster")
+        if faster is None:
+            continue
+        lines.append(f"| {r['method']} | {r['max_length']} | {r['batch_size']} | {r['budget']} | "
+                     f"{faster['settings']} | {_measured(faster)} |")
     return "\n".join(lines) + "\n"
+
+
+def _measured(r: dict[str, Any]) -> str:
+    """The predicted ... load cells of one run."""
+    measured = f"{r['measured_peak_bytes'] / 2**30:.2f} GiB" if r.get("measured_peak_bytes") else "-"
+    under = {True: "yes", False: "NO"}.get(r.get("under_budget"), "-")
+    load = f"{r['loadavg']:.1f}" if "loadavg" in r else "-"
+    speed = f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "-"
+    return f"{r['predicted_peak_bytes'] / 2**30:.2f} GiB | {measured} | {under} | {speed} | {load}"
 
 
 def main(argv: list[str]) -> None:

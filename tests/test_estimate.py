@@ -13,12 +13,14 @@ import torch
 from tunelab.config import build_config
 from tunelab.data.records import Example
 from tunelab.errors import ConfigError
-from tunelab.estimate import estimate, estimate_main, parse_target
+from tunelab.estimate import Calibration, estimate, estimate_main, parse_target
+from tunelab.estimate.formula import COMPACT_HEAP_CALIBRATION
 from tunelab.estimate.measure import run_child
 from tunelab.estimate.skeleton import build_meta_model, model_facts, quantized_bytes, weight_bytes
 from tunelab.estimate.workload import shape_of
 from tunelab.methods.base import count_parameters, get_method
 from tunelab.testing.tiny import tiny_llama, tiny_llama_config
+from tunelab.train.runtime import LONG_SEQUENCE_TOKENS
 
 RECORDS = [{"instruction": f"Say the number {i} in words, please.", "input": "",
             "output": "The quick brown fox jumps over the lazy dog. " * (1 + i % 3)} for i in range(8)]
@@ -202,3 +204,23 @@ def test_model_load_counts_the_mapped_checkpoint_only_when_it_is_converted(run_t
     assert bf16.weight_file_bytes == files > 0 and fp32.weight_file_bytes == 0
     loading = bf16.calibration.weight_file_fraction * files + sum(bf16.facts.weight_bytes.values())
     assert bf16.peak_bytes >= loading  # the load phase bounds the peak from below
+
+
+def test_a_compact_heap_run_is_estimated_with_the_compact_heap_constants(run_tree):
+    """A budgeted or long run trains on the compact C heap (train.compact_heap: auto), whose
+    leftovers the glibc-heap constants would overcount: the budget would then turn down
+    settings that fit."""
+    glibc = cpu_estimate(run_tree, "train.precision=bf16", "train.compact_heap=false", "train.memory_budget=8GB")
+    compact = cpu_estimate(run_tree, "train.precision=bf16", "train.compact_heap=true")
+    assert glibc.calibration == Calibration() and compact.calibration == COMPACT_HEAP_CALIBRATION
+    assert any("compact C heap" in note for note in compact.notes)
+    assert not any("compact C heap" in note for note in glibc.notes)
+    assert cpu_estimate(run_tree, "train.memory_budget=8GB").calibration == COMPACT_HEAP_CALIBRATION
+    long = cpu_estimate(run_tree, f"data.max_length={LONG_SEQUENCE_TOKENS + 1}")
+    assert long.calibration == COMPACT_HEAP_CALIBRATION
+    # the heap terms follow the calibration: less slack, a smaller kernel-cache creep
+    assert compact.breakdown.terms["allocator"] < glibc.breakdown.terms["allocator"]
+    assert compact.breakdown.terms["kernel_cache"] < glibc.breakdown.terms["kernel_cache"]
+    # there is no C heap to compact on a GPU
+    gpu = cpu_estimate(run_tree, "train.compact_heap=true", target=parse_target("cuda:24GB"))
+    assert gpu.calibration == Calibration()

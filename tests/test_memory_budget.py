@@ -14,7 +14,8 @@ from tunelab.config import ModelConfig, build_config
 from tunelab.errors import ConfigError
 from tunelab.models.loader import load_base
 from tunelab.config import parse_size
-from tunelab.estimate.budget import ESTIMATE_MARGIN, MemorySettings, fit_memory_budget
+from tunelab.estimate import estimate, parse_target
+from tunelab.estimate.budget import ESTIMATE_MARGIN, MemorySettings, fit_memory_budget, relative_step_time
 
 RECORDS = [{"instruction": f"Say the number {i} in words, please.", "input": "",
             "output": "The quick brown fox jumps over the lazy dog. " * (2 + i % 3)} for i in range(8)]
@@ -61,6 +62,7 @@ def test_a_generous_budget_keeps_the_fastest_settings(run_tree):
     assert choice.settings == MemorySettings(False, 256, 1)
     assert (resolved.train.batch_size, resolved.train.grad_accum) == (4, 1)
     assert choice.predicted_peak_bytes <= choice.budget_bytes
+    assert choice.next_faster is None and len(choice.lines()) == 1  # nothing faster was turned down
 
 
 def test_a_lower_budget_picks_a_lighter_setting_that_fits(run_tree):
@@ -74,6 +76,26 @@ def test_a_lower_budget_picks_a_lighter_setting_that_fits(run_tree):
     assert resolved.train.batch_size * resolved.train.grad_accum == 4
     assert resolved.train.gradient_checkpointing == tight.settings.gradient_checkpointing
     assert resolved.train.loss_chunk_size == tight.settings.loss_chunk_size
+    # the log says why nothing faster was taken: the setting ranked just above, over the allowance
+    faster, faster_peak = tight.next_faster
+    facts = estimate(config(run_tree), parse_target("cpu"), framework=0).facts
+    share = facts.trainable_params / facts.total_params
+    assert relative_step_time(faster, share) <= relative_step_time(tight.settings, share)
+    assert faster_peak > tight_budget * (1 - ESTIMATE_MARGIN)
+    assert f"the next faster setting ({faster.describe(4, 1)}) is predicted at {faster_peak / 2**30:.2f} GiB" \
+        in tight.lines()[1]
+
+
+def test_the_ranking_follows_what_was_measured():
+    """benchmarks/memory_budget.py: on the compact heap, LoRA split into micro-batches of 1 ran faster
+    than checkpointed, full fine-tuning slower; loss chunks of 16 rows cost more than a 2-way split."""
+    checkpointed, split4 = MemorySettings(True, 256, 1), MemorySettings(False, 16, 4)
+    lora_share, full_share = 0.018, 1.0
+    assert relative_step_time(split4, lora_share) < relative_step_time(checkpointed, lora_share)
+    assert relative_step_time(checkpointed, full_share) < relative_step_time(split4, full_share)
+    assert relative_step_time(MemorySettings(False, 256, 2), lora_share) \
+        < relative_step_time(MemorySettings(False, 16, 1), lora_share)
+    assert relative_step_time(MemorySettings(False, 256, 1), full_share) == 1.0
 
 
 def test_an_impossible_budget_is_refused_before_the_model_loads(run_tree, monkeypatch, tmp_path):

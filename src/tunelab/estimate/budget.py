@@ -36,18 +36,27 @@ AUTO_SHARE = 0.8
 #: Loss chunk sizes tried below the run's own ``train.loss_chunk_size`` (0 = unchunked).
 SMALLER_CHUNKS = (256, 64, 16)
 #: Share of the budget kept free for the estimator's error: a setting fits when its predicted
-#: peak is at most (1 - margin) x the budget (benchmarks/estimator_grid.py: within +-10%).
+#: peak is at most (1 - margin) x the budget (benchmarks/estimator_grid.py --heap compact: 32 of
+#: 33 runs within +-10%; benchmarks/memory_budget.py: -10.7% to +7.3%).
 ESTIMATE_MARGIN = 0.10
-#: Extra step time of gradient checkpointing: the forward pass runs twice, and a forward
-#: pass is about a third of a step's FLOPs (2N of 6N per token).
-RECOMPUTE_COST = 1 / 3
-#: Extra step time per extra micro-batch of a step (smaller matmuls, one more pass of
-#: Python and optimizer-free overhead through the model); a ranking assumption, small next
-#: to recomputation, so that a split is preferred over checkpointing.
+#: The ranking below was measured with benchmarks/memory_budget.py (2026-11-30: each choice
+#: against the setting ranked just faster, 6 steps each, on the compact C heap a budgeted run
+#: gets). Extra step time of gradient checkpointing: the forward pass runs twice (a third of a
+#: step's FLOPs, 2N of 6N per token), and on the compact heap every recomputed activation faults
+#: its pages in again: LoRA at 8 x 512 tokens ran 120 tokens/s checkpointed against 207 split
+#: into micro-batches of 2 with loss chunks of 16.
+RECOMPUTE_COST = 0.6
+#: Extra step time per extra micro-batch of a step: one more pass of Python and kernel launches
+#: through the model and smaller matmuls (LoRA and DoRA split 1 x 4 beat checkpointing by 7-26%)...
 SPLIT_COST = 0.05
-#: Extra step time of each step down in loss chunk size (more, smaller LM-head matmuls): the
-#: config's own note measures no cost at 256, so it only orders the chunk sizes.
-CHUNK_COST = 0.01
+#: ... plus, per share of the model's parameters trained, one more accumulation into every
+#: gradient and weight-gradient matmuls over fewer rows: full fine-tuning split 1 x 4 ran 109
+#: tokens/s against 142 checkpointed.
+SPLIT_COST_FULL_MODEL = 0.2
+#: Extra step time of the smaller loss chunk sizes (more, smaller LM-head matmuls; 256 rows
+#: costs nothing measurable): prefix tuning at 4 x 1 with chunks of 16 ran 236 tokens/s, at
+#: 2 x 2 with chunks of 256, 291.
+CHUNK_COSTS = {64: 0.04, 16: 0.25}
 
 
 @dataclass(frozen=True)
@@ -75,13 +84,21 @@ class BudgetChoice:
     predicted_peak_bytes: int
     phase: str
     original: RunConfig  # the settings as the user gave them (for the log line)
+    #: the setting ranked just faster than the chosen one and its predicted peak, which did not fit
+    next_faster: tuple[MemorySettings, int] | None = None
 
     def lines(self) -> list[str]:
         t = self.original.train
         share = f" ({AUTO_SHARE:.0%} of the available memory)" if self.budget == AUTO else ""
-        return [f"memory budget {self.budget}{share} = {gib(self.budget_bytes)}: "
-                f"{self.settings.describe(t.batch_size, t.grad_accum)}; predicted peak "
-                f"{gib(self.predicted_peak_bytes)} (at the {self.phase})"]
+        chosen = (f"memory budget {self.budget}{share} = {gib(self.budget_bytes)}: "
+                  f"{self.settings.describe(t.batch_size, t.grad_accum)}; predicted peak "
+                  f"{gib(self.predicted_peak_bytes)} (at the {self.phase})")
+        if self.next_faster is None:
+            return [chosen]
+        settings, peak = self.next_faster
+        return [chosen, f"memory budget: the next faster setting ({settings.describe(t.batch_size, t.grad_accum)}) "
+                        f"is predicted at {gib(peak)}, over the {gib(self.budget_bytes * (1 - ESTIMATE_MARGIN))} "
+                        f"the budget allows after its {ESTIMATE_MARGIN:.0%} margin"]
 
     def report(self, measured_bytes: int) -> str:
         error = 100.0 * (self.predicted_peak_bytes - measured_bytes) / max(measured_bytes, 1)
@@ -99,20 +116,20 @@ def chunk_sizes(own: int) -> list[int]:
     return [own, *(c for c in SMALLER_CHUNKS if own == 0 or c < own)]
 
 
-def relative_step_time(settings: MemorySettings, own_chunk: int) -> float:
-    """Predicted step time relative to the run's own settings (1.0); see the cost constants."""
-    chunk_steps = chunk_sizes(own_chunk).index(settings.loss_chunk_size)
+def relative_step_time(settings: MemorySettings, trainable_share: float) -> float:
+    """Predicted step time relative to the run's own settings (1.0) when ``trainable_share`` of the
+    model's parameters train; see the cost constants."""
+    split = SPLIT_COST + SPLIT_COST_FULL_MODEL * trainable_share
     return ((1 + RECOMPUTE_COST * settings.gradient_checkpointing)
-            * (1 + SPLIT_COST * (settings.micro_batch_split - 1)) * (1 + CHUNK_COST * chunk_steps))
+            * (1 + split * (settings.micro_batch_split - 1)) * (1 + CHUNK_COSTS.get(settings.loss_chunk_size, 0.0)))
 
 
-def candidates(cfg: RunConfig, checkpointing_allowed: bool) -> list[MemorySettings]:
-    """Every setting the budget may pick, fastest first."""
+def candidates(cfg: RunConfig, checkpointing_allowed: bool, trainable_share: float) -> list[MemorySettings]:
+    """Every setting the budget may pick, fastest first (the run's own settings first among equals)."""
     splits = [k for k in range(1, cfg.train.batch_size + 1) if cfg.train.batch_size % k == 0]
-    own = cfg.train.loss_chunk_size
     every = [MemorySettings(gc, chunk, k) for gc in ((False, True) if checkpointing_allowed else (False,))
-             for chunk in chunk_sizes(own) for k in splits]
-    return sorted(every, key=lambda settings: relative_step_time(settings, own))
+             for chunk in chunk_sizes(cfg.train.loss_chunk_size) for k in splits]
+    return sorted(every, key=lambda settings: relative_step_time(settings, trainable_share))
 
 
 def with_settings(cfg: RunConfig, settings: MemorySettings) -> RunConfig:
@@ -160,13 +177,17 @@ def fit_memory_budget(cfg: RunConfig, *, framework: int | None = None) -> tuple[
     base = estimate(cfg, parse_target(device.type), framework=framework, data=data)
     plans: dict[int, Any] = {}
     lightest: tuple[int, MemorySettings, Any] | None = None
-    for settings in candidates(cfg, get_method(cfg.method).supports_gradient_checkpointing):
+    rejected: tuple[MemorySettings, int] | None = None
+    share = base.facts.trainable_params / max(base.facts.total_params, 1)
+    for settings in candidates(cfg, get_method(cfg.method).supports_gradient_checkpointing, share):
         trial = with_settings(cfg, settings)
         if settings.micro_batch_split not in plans:
             plans[settings.micro_batch_split] = plan(trial, data, base.workload.packed)
         result = dataclasses.replace(base, config=trial, workload=plans[settings.micro_batch_split]).breakdown
         if result.total <= limit * (1 - ESTIMATE_MARGIN):
-            return trial, BudgetChoice(cfg.train.memory_budget, limit, settings, result.total, result.phase, cfg)
+            return trial, BudgetChoice(cfg.train.memory_budget, limit, settings, result.total, result.phase, cfg,
+                                       rejected)
+        rejected = (settings, result.total)
         if lightest is None or result.total < lightest[0]:
             lightest = (result.total, settings, result)
     assert lightest is not None  # there is always at least the user's own setting

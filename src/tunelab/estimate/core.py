@@ -14,13 +14,14 @@ from tunelab.config import ModelConfig, RunConfig
 from tunelab.data.pipeline import DataBundle
 from tunelab.errors import ConfigError
 from tunelab.estimate.baseline import framework_bytes
-from tunelab.estimate.formula import Breakdown, Calibration, Precision, Settings, Target, peak_breakdown
+from tunelab.estimate.formula import (Breakdown, Calibration, Precision, Settings, Target, default_calibration,
+                                      peak_breakdown)
 from tunelab.estimate.skeleton import ModelFacts, model_facts
 from tunelab.estimate.workload import Workload, load_workload, plan
 from tunelab.methods.base import get_method
 from tunelab.models.loader import load_tokenizer, model_directory, training_dtype
 from tunelab.memory import proc_kib_field_bytes
-from tunelab.train.runtime import packing_enabled, resolve_precision
+from tunelab.train.runtime import compact_heap_wanted, packing_enabled, resolve_precision
 
 _DEVICE = re.compile(r"^(cpu|cuda)(?::(\d+(?:\.\d+)?)\s*(gb|gib|g)?)?$", re.IGNORECASE)
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -145,14 +146,21 @@ def _check_stage(cfg: RunConfig) -> list[str]:
 
 
 def estimate(cfg: RunConfig, target: Target, *, framework: int | None = None,
-             calibration: Calibration = Calibration(), data: DataBundle | None = None) -> MemoryEstimate:
+             calibration: Calibration | None = None, data: DataBundle | None = None) -> MemoryEstimate:
     """Predict the peak memory of training ``cfg`` on ``target``.
 
     ``framework`` overrides the measured CPU framework baseline (tests pass 0 to skip the
-    measurement subprocess); ``data``, the tokenized data of ``cfg`` when the caller has it
+    measurement subprocess); ``calibration``, the fitted constants for the run's C heap
+    (:func:`compact_heap`); ``data``, the tokenized data of ``cfg`` when the caller has it
     (the memory budget re-plans it for every micro-batch split it tries).
     """
     notes = _check_stage(cfg)
+    compact = compact_heap(cfg, target)
+    if compact:
+        notes.append("compact C heap (train.compact_heap): glibc's leftovers are counted as measured on "
+                     "compact-heap runs.")
+    if calibration is None:
+        calibration = default_calibration(compact)
     tokenizer = load_tokenizer(cfg.model)
     method = get_method(cfg.method)
     packed = packing_enabled(cfg.data.packing, cfg.model.attn_implementation, method.supports_packing)
@@ -172,6 +180,14 @@ def estimate(cfg: RunConfig, target: Target, *, framework: int | None = None,
         notes.append("CUDA: predicted torch.cuda.max_memory_allocated; the CUDA context (~0.5 GiB) comes on top.")
     converted = converted_file_bytes(cfg.model, dtype, quantized)
     return MemoryEstimate(cfg, target, facts, workload, precision, framework, calibration, notes, converted)
+
+
+def compact_heap(cfg: RunConfig, target: Target) -> bool:
+    """Whether the run trains on the compact C heap (``train.compact_heap``, CPU only), whose
+    resident memory follows the live tensors more closely than glibc's default heap."""
+    train = cfg.train
+    return target.device == "cpu" and compact_heap_wanted(train.compact_heap, train.memory_budget,
+                                                          cfg.data.max_length)
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}

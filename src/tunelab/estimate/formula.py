@@ -64,7 +64,8 @@ Terms (peak = the largest of the phase totals below):
   large block to the OS but made each new tensor fault its pages in again: 245 against 383
   tokens/s on the speed job (``benchmarks/speed.py`` variant ``tunelab_mmap128k``). With
   ``train.compact_heap`` (on under a memory budget) resident memory follows the live
-  tensors, and this term leaves the estimate on the safe side. On CUDA
+  tensors: such runs get :data:`COMPACT_HEAP_CALIBRATION`, whose heap terms are fitted on
+  compact-heap runs. On CUDA
   the estimate is
   ``torch.cuda.max_memory_allocated`` (live tensors); the CUDA context (~0.5 GiB) is
   outside it.
@@ -102,7 +103,9 @@ temporaries (2 x the largest trainable tensor). With N GPUs and ZeRO stage s: st
 
 Calibration (``Calibration`` defaults): fitted with ``benchmarks/estimator_grid.py`` on
 SmolLM2-135M over methods x length x batch x checkpointing; see
-benchmarks/results/estimator_grid.md for the errors.
+benchmarks/results/estimator_grid.md for the errors. A run on the compact C heap
+(``train.compact_heap``) gets :data:`COMPACT_HEAP_CALIBRATION`, the same constants but for the
+heap's leftovers, fitted with ``--heap compact`` (benchmarks/results/estimator_grid-compact.md).
 """
 
 from __future__ import annotations
@@ -126,7 +129,11 @@ NORM_BYTES = 4
 class Calibration:
     """Constants fitted with ``benchmarks/estimator_grid.py --fit`` (2-core x86 CPU with AMX,
     torch 2.13, transformers 5.23, frozen bases held in bf16; the two quantization constants
-    on the QLoRA grid runs, bitsandbytes 0.50 without its CPU kernels package): errors in
+    on the QLoRA grid runs, bitsandbytes 0.50 without its CPU kernels package). The four of
+    glibc's heap (``kernel_cache_bytes_per_shape``, ``allocator_factor``,
+    ``quantization_slack_factor``, ``unfused_allocator_extra``) were fitted again with ``--fit
+    heap`` on a 2-core AMD EPYC without AMX, whose runs the grid's tables now measure (the
+    24-step runs' many micro-batch widths had been over-predicted by 24% and 42%): errors in
     benchmarks/results/estimator_grid.md."""
 
     #: bytes per logit of one LM-head chunk at its peak (bf16 logits, fp32 copy,
@@ -137,20 +144,35 @@ class Calibration:
     #: tokenizer, accelerator, method objects and the like beyond the import baseline
     runtime_bytes: int = 40 * 2**20
     #: CPU bf16: resident bytes oneDNN's kernel cache adds per new micro-batch shape
-    kernel_cache_bytes_per_shape: float = 60 * 2**20
+    kernel_cache_bytes_per_shape: float = 40 * 2**20
     #: CPU: resident bytes per byte of saved activations (glibc heap slack)
-    allocator_factor: float = 1.2
+    allocator_factor: float = 1.3
     #: CPU: share of the memory-mapped checkpoint files resident at the model-load peak
     weight_file_fraction: float = 0.9
     #: CPU, 16-bit frozen weights: oneDNN's reordered (blocked) copies of them, per weight byte
     weight_reorder_factor: float = 0.75
     #: CPU, quantized base: heap left resident by quantizing at load, per byte of the weights
     #: in their loading dtype
-    quantization_slack_factor: float = 1.75
+    quantization_slack_factor: float = 1.25
     #: CPU, LoRA layers run by PEFT's own forward on a quantized base: extra heap slack per byte
     #: of saved activations (each layer makes a transient fp32 copy of its input, because
     #: PEFT's autocast check looks at CUDA only, and autocast casts it back to bf16)
-    unfused_allocator_extra: float = 0.2
+    unfused_allocator_extra: float = 0.1
+
+
+#: The calibration of a CPU run under ``train.compact_heap`` (:mod:`tunelab.heap`): glibc gives
+#: every freed block of 1 MiB or more back to the system, so the heap keeps little beyond the
+#: live tensors. Only the terms that model glibc's leftovers differ from ``Calibration()``'s
+#: (``allocator_factor``, ``kernel_cache_bytes_per_shape``, ``quantization_slack_factor``,
+#: ``unfused_allocator_extra``); fitted with ``benchmarks/estimator_grid.py --heap compact --fit``
+#: (benchmarks/results/estimator_grid-compact.md).
+COMPACT_HEAP_CALIBRATION = Calibration(kernel_cache_bytes_per_shape=30 * 2**20, allocator_factor=0.95,
+                                       quantization_slack_factor=0.75, unfused_allocator_extra=0.0)
+
+
+def default_calibration(compact_heap: bool) -> Calibration:
+    """The fitted constants for a run on glibc's default heap or on the compact heap."""
+    return COMPACT_HEAP_CALIBRATION if compact_heap else Calibration()
 
 
 @dataclass(frozen=True)
