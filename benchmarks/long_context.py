@@ -7,7 +7,8 @@ steps, with gradient checkpointing, the chunked LM-head loss (256 rows) and SDPA
 unpadded row: causal attention without a mask, torch's flash kernel on CPU, memory linear
 in L) and the compact C heap at every length (``train.compact_heap: true``; ``auto`` turns
 it on past 8,192 tokens): glibc's own heap kept freed activations and grew 2.14 -> 5.48 GiB
-from 8k to 16k tokens. Beyond SmolLM2's 8,192 trained positions the RoPE is stretched with
+from 8k to 16k tokens (``--heap glibc`` measures that heap, faster per step, into its own
+table). Beyond SmolLM2's 8,192 trained positions the RoPE is stretched with
 ``model.rope_scaling: {type: linear, factor: L / 8192}``.
 
 Each length runs ``python -m tunelab.cli train`` in a child process; its peak RSS comes from
@@ -21,6 +22,7 @@ Usage (from the repository root)::
     . .venv/bin/activate
     HF_HUB_OFFLINE=1 python benchmarks/long_context.py [--lengths 2048 8192 16384 32768] [--steps 2]
     HF_HUB_OFFLINE=1 python benchmarks/long_context.py --repredict   # new estimates, same measurements
+    HF_HUB_OFFLINE=1 python benchmarks/long_context.py --heap glibc --lengths 2048 8192   # glibc's own heap
 """
 
 from __future__ import annotations
@@ -51,14 +53,14 @@ from speed import DATA, RESULTS  # benchmarks/ is on sys.path when this runs as 
 TRAINED_POSITIONS = 8192
 
 
-def job(length: int, steps: int, data: Path, output_dir: Path) -> dict[str, Any]:
+def job(length: int, steps: int, data: Path, output_dir: Path, heap: str) -> dict[str, Any]:
     tree: dict[str, Any] = {
         "model": {"name_or_path": "smollm2-135m-instruct"},
         "method": {"type": "lora", "r": 8, "alpha": 16, "target": "all-linear", "dropout": 0.0},
         "stage": "pt",
         "data": {"train": [str(data)], "max_length": length, "packing": False},
         "train": {"max_steps": steps, "batch_size": 1, "lr": 2e-4, "seed": 42, "log_every": 1,
-                  "gradient_checkpointing": True, "loss_chunk_size": 256, "compact_heap": True},
+                  "gradient_checkpointing": True, "loss_chunk_size": 256, "compact_heap": heap == "compact"},
         "output_dir": str(output_dir)}
     if length > TRAINED_POSITIONS:
         tree["model"]["rope_scaling"] = {"type": "linear", "factor": length / TRAINED_POSITIONS}
@@ -92,11 +94,11 @@ def whole_sequences(data: DataBundle, length: int, steps: int) -> None:
         raise SystemExit(f"the {length}-token job's examples have {lengths} tokens, not {steps} x {length}")
 
 
-def predict(length: int, steps: int, scratch: Path) -> tuple[Path, int]:
+def predict(length: int, steps: int, scratch: Path, heap: str) -> tuple[Path, int]:
     """Write the job's config and document; return the config and the estimate of its peak."""
     config = scratch / f"len{length}.yaml"
     data = scratch / f"doc{length}.jsonl"
-    config.write_text(yaml.safe_dump(job(length, steps, data, scratch / f"run{length}")), encoding="utf-8")
+    config.write_text(yaml.safe_dump(job(length, steps, data, scratch / f"run{length}", heap)), encoding="utf-8")
     cfg = load_config(config)
     tokenizer = load_tokenizer(cfg.model)
     write_document(data, length * steps, tokenizer)
@@ -105,8 +107,8 @@ def predict(length: int, steps: int, scratch: Path) -> tuple[Path, int]:
     return config, estimate(cfg, parse_target("cpu"), data=tokenized).peak_bytes
 
 
-def measure(length: int, steps: int, scratch: Path, headroom: float) -> dict[str, Any]:
-    config, predicted = predict(length, steps, scratch)
+def measure(length: int, steps: int, scratch: Path, headroom: float, heap: str) -> dict[str, Any]:
+    config, predicted = predict(length, steps, scratch, heap)
     run_dir = scratch / f"run{length}"
     available = proc_kib_field_bytes("/proc/meminfo", "MemAvailable") or 0
     row: dict[str, Any] = {"length": length, "predicted_peak_bytes": predicted, "available_bytes": available,
@@ -126,10 +128,11 @@ def measure(length: int, steps: int, scratch: Path, headroom: float) -> dict[str
     return row
 
 
-def markdown(rows: list[dict[str, Any]], command: str) -> str:
+def markdown(rows: list[dict[str, Any]], command: str, heap: str) -> str:
+    heap_text = "compact C heap" if heap == "compact" else "glibc's own heap"
     lines = ["# Long context: SmolLM2-135M LoRA, one sequence per step", "",
              f"Measured with `{command}`; LoRA r8 all-linear, stage pt, batch 1, gradient checkpointing, "
-             "loss chunks of 256, SDPA, bf16 autocast on CPU, compact C heap; linear RoPE scaling beyond 8,192 positions. "
+             f"loss chunks of 256, SDPA, bf16 autocast on CPU, {heap_text}; linear RoPE scaling beyond 8,192 positions. "
              "Peak RSS of the training process (os.wait4); tokens/s of the last step. Load average (1 min) "
              "before/after each length on a shared 2-core machine.", "",
              "| tokens/sequence | predicted peak | measured peak | per 1k tokens over 2k | tokens/s | load |",
@@ -150,15 +153,23 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def repredict() -> None:
+def results(heap: str) -> tuple[Path, Path]:
+    """The json and markdown files of one heap's table."""
+    stem = "long_context" if heap == "compact" else "long_context-glibc-heap"
+    return RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"
+
+
+def repredict(heap: str) -> None:
     """The stored measurements against the estimator as it is now (their own steps per length)."""
-    stored = json.loads((RESULTS / "long_context.json").read_text(encoding="utf-8"))
+    raw, table = results(heap)
+    stored = json.loads(raw.read_text(encoding="utf-8"))
     with tempfile.TemporaryDirectory(prefix="tunelab-long-") as scratch:
         for row in stored["rows"]:
-            row["predicted_peak_bytes"] = predict(row["length"], len(row.get("losses") or [1]), Path(scratch))[1]
-    write_json(RESULTS / "long_context.json", stored)
-    write_text(RESULTS / "long_context.md", markdown(stored["rows"], stored["command"].strip()))
-    print(markdown(stored["rows"], stored["command"].strip()))
+            row["predicted_peak_bytes"] = predict(row["length"], len(row.get("losses") or [1]), Path(scratch),
+                                                  heap)[1]
+    write_json(raw, stored)
+    write_text(table, markdown(stored["rows"], stored["command"].strip(), heap))
+    print(markdown(stored["rows"], stored["command"].strip(), heap))
 
 
 def main(argv: list[str]) -> None:
@@ -169,26 +180,30 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--keep", action="store_true", help="keep the stored rows of other lengths")
     parser.add_argument("--repredict", action="store_true",
                         help="train nothing: estimate the stored rows again (after a change to the estimator)")
+    parser.add_argument("--heap", choices=("compact", "glibc"), default="compact",
+                        help="train.compact_heap true (the table's runs), or false: glibc's own heap, faster "
+                             "per step, into long_context-glibc-heap.md")
     args = parser.parse_args(argv)
     if args.repredict:
-        return repredict()
+        return repredict(args.heap)
+    raw, table = results(args.heap)
     command = "python benchmarks/long_context.py " + " ".join(argv)
-    stored = json.loads((RESULTS / "long_context.json").read_text(encoding="utf-8")) if args.keep else {"rows": []}
+    stored = json.loads(raw.read_text(encoding="utf-8")) if args.keep else {"rows": []}
     rows: list[dict[str, Any]] = [r for r in stored["rows"] if r["length"] not in args.lengths]
     with tempfile.TemporaryDirectory(prefix="tunelab-long-") as scratch:
         for length in sorted(args.lengths):
             started = time.perf_counter()
-            row = measure(length, args.steps, Path(scratch), args.headroom)
+            row = measure(length, args.steps, Path(scratch), args.headroom, args.heap)
             rows.append(row)
             rows.sort(key=lambda r: r["length"])
             shown = {k: v for k, v in row.items() if k != "failed"}
             print(json.dumps(shown), f"({time.perf_counter() - started:.0f}s)", flush=True)
-            write_json(RESULTS / "long_context.json", {"command": command, "rows": rows})
-            write_text(RESULTS / "long_context.md", markdown(rows, command.strip()))
+            write_json(raw, {"command": command, "rows": rows})
+            write_text(table, markdown(rows, command.strip(), args.heap))
             if "measured_peak_bytes" not in row:
                 print(row.get("failed") or row.get("skipped"), flush=True)
                 break
-    print(markdown(rows, command.strip()))
+    print(markdown(rows, command.strip(), args.heap))
 
 
 if __name__ == "__main__":
