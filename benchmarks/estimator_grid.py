@@ -8,12 +8,12 @@ estimator_grid.json.
 
 ``--fit`` searches the :class:`tunelab.estimate.Calibration` constants that minimise the
 largest absolute error over the measured points (``--fit heap``: only those of the C heap),
-re-evaluating the formula only (nothing is retrained), and prints them; copy them into ``Calibration``'s defaults. ``--reuse``
-skips the measurements and uses the peaks stored in estimator_grid.json.
+re-evaluating the formula only (nothing is retrained), and prints them; copy them into
+``Calibration``'s defaults. ``--reuse`` skips the measurements and uses the stored peaks.
 
 ``--heap compact`` measures the same points with ``train.compact_heap=true`` (the C heap a
 memory-budgeted run gets, :mod:`tunelab.heap`) into estimator_grid-compact.{md,json}, and its
-``--fit`` searches only the heap constants of :data:`tunelab.estimate.COMPACT_HEAP_CALIBRATION`
+``--fit`` searches only the heap constants of :data:`tunelab.estimate.formula.COMPACT_HEAP_CALIBRATION`
 (what glibc's heap keeps beyond the live tensors), the others fixed at ``Calibration``'s.
 
 Usage (from the repository root; 6-25 s per 3-step point and about 2 min per 50-step point on

@@ -132,8 +132,8 @@ def markdown(rows: list[dict[str, Any]], command: str, heap: str) -> str:
     heap_text = "compact C heap" if heap == "compact" else "glibc's own heap"
     lines = ["# Long context: SmolLM2-135M LoRA, one sequence per step", "",
              f"Measured with `{command}`; LoRA r8 all-linear, stage pt, batch 1, gradient checkpointing, "
-             f"loss chunks of 256, SDPA, bf16 autocast on CPU, {heap_text}; linear RoPE scaling beyond 8,192 positions. "
-             "Peak RSS of the training process (os.wait4); tokens/s of the last step. Load average (1 min) "
+             f"loss chunks of 256, SDPA, bf16 autocast on CPU, {heap_text}; linear RoPE scaling beyond 8,192 "
+             "positions. Peak RSS of the training process (os.wait4); tokens/s of the last step. Load average (1 min) "
              "before/after each length on a shared 2-core machine.", "",
              "| tokens/sequence | predicted peak | measured peak | per 1k tokens over 2k | tokens/s | load |",
              "|---:|---:|---:|---:|---:|---|"]
