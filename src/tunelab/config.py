@@ -661,16 +661,16 @@ def _format_validation_error(err: ValidationError, source: str, tree: Mapping[st
     method_type = _method_type_of(tree)
     method_cls = method_config_classes().get(method_type, MethodConfig)
     problems: list[str] = []
-    invalid: dict[str, list[dict[str, Any]]] = {}  # key -> its errors (a union gives one per member)
+    invalid: dict[str, tuple[Any, list[dict[str, Any]]]] = {}  # key -> its field, its errors (a union: one each)
     for item in err.errors():
         if item["type"] == "extra_forbidden":
             problems.append(_unknown_key(tuple(str(p) for p in item["loc"] if not isinstance(p, int)), method_type))
         elif item["type"] == "method_type":
             problems.append(f"key 'method.type' = {item.get('input')!r} is invalid: {item['msg']}.")
         else:
-            invalid.setdefault(_field_at(item["loc"], method_cls)[0], []).append(item)
-    for key, items in invalid.items():
-        field = _field_at(items[0]["loc"], method_cls)[1]
+            key, field = _field_at(item["loc"], method_cls)
+            invalid.setdefault(key, (field, []))[1].append(item)
+    for key, (field, items) in invalid.items():
         expected = "a valid value" if field is None else type_text(field.annotation)
         why = "; or ".join(dict.fromkeys(item["msg"] for item in items))  # a union: one per member
         problems.append(f"key '{key}' = {items[0].get('input')!r} is invalid: {why} (expected {expected}).")

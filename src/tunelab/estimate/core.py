@@ -21,7 +21,7 @@ from tunelab.estimate.workload import Workload, load_workload, plan
 from tunelab.methods.base import get_method
 from tunelab.models.loader import load_tokenizer, model_directory, training_dtype
 from tunelab.memory import proc_kib_field_bytes
-from tunelab.train.runtime import compact_heap_wanted, packing_enabled, resolve_precision
+from tunelab.train.runtime import packing_enabled, resolve_precision, trains_on_compact_heap
 
 _DEVICE = re.compile(r"^(cpu|cuda)(?::(\d+(?:\.\d+)?)\s*(gb|gib|g)?)?$", re.IGNORECASE)
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -150,12 +150,13 @@ def estimate(cfg: RunConfig, target: Target, *, framework: int | None = None,
     """Predict the peak memory of training ``cfg`` on ``target``.
 
     ``framework`` overrides the measured CPU framework baseline (tests pass 0 to skip the
-    measurement subprocess); ``calibration``, the fitted constants for the run's C heap
-    (:func:`compact_heap`); ``data``, the tokenized data of ``cfg`` when the caller has it
-    (the memory budget re-plans it for every micro-batch split it tries).
+    measurement subprocess); ``calibration``, the fitted constants (by default those of the
+    run's C heap, :func:`~tunelab.train.runtime.trains_on_compact_heap`); ``data``, the
+    tokenized data of ``cfg`` when the caller has it (the memory budget re-plans it for every
+    micro-batch split it tries).
     """
     notes = _check_stage(cfg)
-    compact = compact_heap(cfg, target)
+    compact = trains_on_compact_heap(cfg, target.device)
     if compact:
         notes.append("compact C heap (train.compact_heap): glibc's leftovers are counted as measured on "
                      "compact-heap runs.")
@@ -180,14 +181,6 @@ def estimate(cfg: RunConfig, target: Target, *, framework: int | None = None,
         notes.append("CUDA: predicted torch.cuda.max_memory_allocated; the CUDA context (~0.5 GiB) comes on top.")
     converted = converted_file_bytes(cfg.model, dtype, quantized)
     return MemoryEstimate(cfg, target, facts, workload, precision, framework, calibration, notes, converted)
-
-
-def compact_heap(cfg: RunConfig, target: Target) -> bool:
-    """Whether the run trains on the compact C heap (``train.compact_heap``, CPU only), whose
-    resident memory follows the live tensors more closely than glibc's default heap."""
-    train = cfg.train
-    return target.device == "cpu" and compact_heap_wanted(train.compact_heap, train.memory_budget,
-                                                          cfg.data.max_length)
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}

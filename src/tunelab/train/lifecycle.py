@@ -58,7 +58,7 @@ from tunelab.train.monitor import Monitor
 from tunelab.train.optim import build_optimizer, build_scheduler
 from tunelab.train.distributed import (agree, check_distributed, check_world_for_data, deepspeed_plugin,
                                        gather_for_save, is_sharded, wrap_model)
-from tunelab.train.runtime import compact_heap_wanted, make_accelerator
+from tunelab.train.runtime import make_accelerator, trains_on_compact_heap
 from tunelab.train.stages import get_stage
 from tunelab.train.stream_batches import StreamBatches, check_streaming
 
@@ -395,9 +395,7 @@ class RunTrainer:
     def _compact_heap(self) -> list[str]:
         """Apply ``train.compact_heap`` before anything large is allocated (it stays for the rest of
         the process: glibc has one setting per process); the note to log, if any."""
-        train = self.cfg.train
-        if self.device.type != "cpu" or not compact_heap_wanted(train.compact_heap, train.memory_budget,
-                                                                self.cfg.data.max_length):
+        if not trains_on_compact_heap(self.cfg, self.device.type):
             return []
         if not compact_heap():
             return ["compact heap: not available (the C library is not glibc); resident memory may exceed "

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import sys
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
+
+if TYPE_CHECKING:
+    from tunelab.config import RunConfig
 
 
 @lru_cache(maxsize=1)
@@ -89,3 +92,11 @@ def compact_heap_wanted(setting: bool | str, memory_budget: str | None, max_leng
     if setting != "auto":
         return bool(setting)
     return memory_budget is not None or max_length > LONG_SEQUENCE_TOKENS
+
+
+def trains_on_compact_heap(cfg: RunConfig, device_type: str) -> bool:
+    """Whether ``cfg`` trains on the compact heap on a device of ``device_type``: CPU only (a GPU's
+    tensors do not come from the C heap). The trainer applies it; the estimator calibrates for it."""
+    train = cfg.train
+    return device_type == "cpu" and compact_heap_wanted(train.compact_heap, train.memory_budget,
+                                                        cfg.data.max_length)
