@@ -148,6 +148,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384])
     parser.add_argument("--steps", type=int, default=1)
     args = parser.parse_args(argv)
+    if not os.access(args.cli, os.X_OK):
+        parser.error(f"--cli {args.cli}: no executable there; install LLaMA-Factory into a venv of its own as "
+                     "this script's docstring shows and pass its bin/llamafactory-cli")
     command = "python benchmarks/long_context_llamafactory.py " + " ".join(argv)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="tunelab-lf-long-") as scratch:
